@@ -1,0 +1,46 @@
+"""flask-docsync: the Bokeh Server as a Flask extension on gevent.
+
+Importing the package does nothing else: no monkey-patching, no greenlets,
+no Bokeh import until a name below is used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigurationError",
+    "DocSync",
+    "DocSyncError",
+    "ProtocolViolation",
+    "SessionError",
+    "TokenError",
+    "UnknownApplication",
+    "__version__",
+]
+
+if TYPE_CHECKING:
+    from .errors import (
+        ConfigurationError,
+        DocSyncError,
+        ProtocolViolation,
+        SessionError,
+        TokenError,
+        UnknownApplication,
+    )
+    from .extension import DocSync
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `flask-docsync serve` can monkey-patch before bokeh is imported.
+    if name == "DocSync":
+        from .extension import DocSync
+
+        return DocSync
+    if name in __all__:
+        from . import errors
+
+        return getattr(errors, name)
+    raise AttributeError(f"module 'flask_docsync' has no attribute {name!r}")

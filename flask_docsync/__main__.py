@@ -1,0 +1,5 @@
+import sys
+
+from flask_docsync.cli import main
+
+sys.exit(main())

@@ -1,0 +1,356 @@
+"""The Flask side: HTTP routes and the WebSocket route of the ``docsync`` blueprint.
+
+URLs are the ones ``bokeh serve`` gives, under the blueprint's prefix::
+
+    <prefix>/                      index of apps (or a redirect to the only one)
+    <prefix>/static/<file>         BokehJS from the installed bokeh, versioned
+    <prefix>/static/extensions/... compiled Bokeh extensions
+    <prefix><app>                  the app page
+    <prefix><app>/autoload.js      script for bokeh.embed.server_document
+    <prefix><app>/metadata         the app's metadata as JSON
+    <prefix><app>/static/<file>    a directory app's static/ folder
+    <prefix><app>/ws               the Bokeh protocol WebSocket
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from bokeh.core.templates import AUTOLOAD_JS
+from bokeh.embed.bundle import Script, bundle_for_objs_and_resources, extension_dirs
+from bokeh.embed.elements import script_for_render_items
+from bokeh.embed.server import server_html_page_for_session
+from bokeh.embed.util import RenderItem
+from bokeh.resources import Resources
+from bokeh.settings import settings as bokeh_settings
+from flask import Blueprint, Response, abort, current_app, jsonify, redirect, render_template, request, send_from_directory
+from markupsafe import escape
+
+from . import websocket
+from .apps import normalize_route
+from .context import RequestData
+from .errors import SessionError, TokenError, UnknownApplication
+from .tokens import origin_allowed
+
+if TYPE_CHECKING:
+    from .server import DocSyncServer
+
+log = logging.getLogger(__name__)
+
+#: Versioned static URLs never change content, so browsers may keep them
+#: for ten years, as Bokeh's server tells them.
+LONG_CACHE_SECONDS = 315_360_000
+
+_TEMPLATE_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates")
+if not os.path.isdir(_TEMPLATE_FOLDER):  # installed: templates are package data
+    _TEMPLATE_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
+
+
+def _server() -> DocSyncServer:
+    return current_app.extensions["docsync"]
+
+
+@functools.lru_cache(maxsize=512)
+def _file_version(path: str, mtime: float) -> str:
+    digest = hashlib.sha512()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def version_path(path: str) -> str:
+    """Bokeh's ``?v=<sha512>`` static URL versioning (plain paths in BOKEH_DEV mode)."""
+    if bokeh_settings.dev:
+        return path
+    full = os.path.join(bokeh_settings.bokehjs_path(), path)
+    try:
+        return f"{path}?v={_file_version(full, os.path.getmtime(full))}"
+    except OSError:
+        return path
+
+
+def resources(server_url: str | None = None) -> Resources:
+    """BokehJS resources served by this blueprint, as the current request sees it."""
+    mode = bokeh_settings.resources(default="server")
+    if mode not in ("server", "server-dev"):
+        return Resources(mode=mode)
+    base = server_url.rstrip("/") if server_url else ""
+    root_url = f"{base}{request.script_root}{_server().settings.url_prefix}/"
+    return Resources(mode=mode, root_url=root_url, path_versioner=version_path)
+
+
+def request_data(user: Any = None) -> RequestData:
+    """What a session keeps of the current Flask request."""
+    return RequestData(
+        arguments={k: [v.encode("utf-8") for v in request.args.getlist(k)] for k in request.args},
+        cookies=dict(request.cookies),
+        headers=dict(request.headers.items()),
+        method=request.method,
+        path=request.path,
+        query=request.query_string.decode("latin-1"),
+        uri=request.full_path if request.query_string else request.path,
+        host=request.host,
+        protocol=request.scheme,
+        remote_ip=request.remote_addr,
+        user=user,
+    )
+
+
+def _refuse(status: int, reason: str) -> Response:
+    return Response(str(escape(reason)) + "\n", status=status, mimetype="text/plain")
+
+
+def _session_for_http(route: str):
+    """Create or join the session of a page or autoload.js request (Bokeh's rules)."""
+    server = _server()
+    context = server.get_context(route)
+    token = request.args.get("bokeh-token")
+    arg_id = request.args.get("bokeh-session-id")
+    header_id = request.headers.get("Bokeh-Session-Id")
+    if arg_id is not None and header_id is not None:
+        raise SessionError(403, "session ID was provided as an argument and header")
+    session_id = arg_id if arg_id is not None else header_id
+    data = request_data()
+    if token is not None:
+        if session_id is not None:
+            raise SessionError(403, "Both token and session ID were provided")
+        session_id, payload = server.tokens.decode(token)
+        session = context.get_session(session_id)
+        if session is None:
+            server.tokens.check_expiry(payload)
+            server.start()
+            session = context.create_session_if_needed(session_id, data, token, payload)
+        return session, token
+    extra = context.application.process_request(_RequestForHooks(data)) or None
+    session = server.create_session(route, data, session_id, extra)
+    return session, session.token
+
+
+class _RequestForHooks:
+    # ``Application.process_request`` hooks were written for Tornado's
+    # request; this offers the parts they use.
+    def __init__(self, data: RequestData) -> None:
+        self.arguments = data.arguments
+        self.cookies = data.cookies
+        self.headers = data.headers
+        self.path = data.path
+        self.uri = data.uri
+        self.host = data.host
+        self.protocol = data.protocol
+        self.remote_ip = data.remote_ip
+        self.method = data.method
+        self.query = data.query
+
+
+def _app_route(app_path: str) -> str:
+    route = normalize_route(app_path) if app_path else "/"
+    if route not in _server().contexts and not _server().has_route(route):
+        abort(404)
+    return route
+
+
+def _error_response(exc: Exception) -> Response:
+    if isinstance(exc, UnknownApplication):
+        return _refuse(404, str(exc))
+    if isinstance(exc, SessionError):
+        log.warning("Refused session request %s: %s", request.path, exc.reason)
+        return _refuse(exc.status, exc.reason)
+    raise exc
+
+
+def page(app_path: str = "") -> Response:
+    route = _app_route(app_path)
+    try:
+        session, _ = _session_for_http(route)
+    except (SessionError, UnknownApplication) as exc:
+        return _error_response(exc)
+    doc = session.document
+    html = server_html_page_for_session(
+        session,
+        resources=resources(),
+        title=doc.title,
+        template=doc.template,
+        template_variables=doc.template_variables,
+    )
+    return Response(html, mimetype="text/html")
+
+
+def autoload_js(app_path: str = "") -> Response:
+    route = _app_route(app_path)
+    origin = request.headers.get("Origin")
+    if request.method == "OPTIONS":
+        response = Response("", status=200)
+        if origin:
+            # Bokeh 3.9 fails with 500 here when there is no Origin.
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Methods"] = "PUT, GET, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = "*"
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+            response.headers["Vary"] = "Origin"
+        return response
+    element_id = request.args.get("bokeh-autoload-element")
+    if not element_id:
+        # Checked before a session exists; Bokeh creates one first and leaks it.
+        return _refuse(400, "No bokeh-autoload-element query parameter")
+    app_url_path = request.args.get("bokeh-app-path", "/")
+    absolute_url = request.args.get("bokeh-absolute-url")
+    server_url = None
+    if absolute_url:
+        parsed = urlparse(absolute_url)
+        server_url = f"{parsed.scheme}://{parsed.netloc}"
+    try:
+        session, token = _session_for_http(route)
+    except (SessionError, UnknownApplication) as exc:
+        return _error_response(exc)
+    res = resources(server_url) if request.args.get("resources", "default") != "none" else None
+    bundle = bundle_for_objs_and_resources(None, res)
+    render_items = [RenderItem(token=token, elementid=element_id, use_for_title=False)]
+    bundle.add(Script(script_for_render_items({}, render_items, app_path=app_url_path, absolute_url=absolute_url)))
+    js = AUTOLOAD_JS.render(bundle=bundle, elementid=element_id)
+    response = Response(js, mimetype="application/javascript")
+    if origin and request.cookies:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+    else:
+        response.headers["Access-Control-Allow-Origin"] = "*"
+    response.headers["Access-Control-Allow-Headers"] = "*"
+    response.headers["Access-Control-Allow-Credentials"] = "true"
+    return response
+
+
+def metadata(app_path: str = "") -> Response:
+    route = _app_route(app_path)
+    context = _server().get_context(route)
+    data = context.application.metadata
+    if callable(data):
+        data = data()
+    return jsonify({"url": context.url, "data": data if data is not None else {}})
+
+
+def app_static(app_path: str, filename: str) -> Response:
+    route = _app_route(app_path)
+    static_path = _server().get_context(route).application.static_path
+    if static_path is None:
+        return bokehjs_static(filename)
+    return send_from_directory(static_path, filename)
+
+
+def bokehjs_static(filename: str) -> Response:
+    max_age = LONG_CACHE_SECONDS if request.args.get("v") else None
+    return send_from_directory(bokeh_settings.bokehjs_path(), filename, max_age=max_age)
+
+
+def extension_static(filename: str) -> Response:
+    name, _, rest = filename.partition("/")
+    directory = extension_dirs.get(name)
+    if directory is None or not rest:
+        abort(404)
+    max_age = LONG_CACHE_SECONDS if request.args.get("v") else None
+    return send_from_directory(directory, rest, max_age=max_age)
+
+
+def index() -> Response:
+    server = _server()
+    if "/" in server.routes():
+        return page("")
+    settings = server.settings
+    if not settings.index:
+        abort(404)
+    routes = sorted(server.routes())
+    prefix = request.script_root + settings.url_prefix
+    if len(routes) == 1 and settings.index_redirect:
+        return redirect(prefix + routes[0], code=302)
+    if settings.index_template:
+        with open(settings.index_template, encoding="utf-8") as f:
+            source = f.read()
+        return Response(current_app.jinja_env.from_string(source).render(
+            prefix=prefix, items=routes), mimetype="text/html")
+    return Response(render_template("docsync/index.html", prefix=prefix, items=routes), mimetype="text/html")
+
+
+class _WebSocketDone(Response):
+    """Ends the WSGI request after a WebSocket finished, however the server needs it."""
+
+    def __init__(self, ws: Any) -> None:
+        super().__init__()
+        self._ws = ws
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:  # type: ignore[override]
+        return self._ws.wsgi_response()
+
+
+def ws(app_path: str = "") -> Response:
+    route = _app_route(app_path)
+    server = _server()
+    environ = request.environ
+    if not websocket.is_websocket_request(environ):
+        return _refuse(400, "This URL takes a WebSocket connection (Upgrade: websocket).")
+    try:
+        websocket.validate_upgrade(environ)
+    except websocket.HandshakeError as exc:
+        return _refuse(exc.status, exc.reason)
+    origin = request.headers.get("Origin") or request.headers.get("Sec-WebSocket-Origin")
+    allowlist = server.settings.allow_websocket_origin
+    if not origin_allowed(origin, request.host, request.scheme, allowlist):
+        allowed = ", ".join(allowlist) or f"only this host ({request.host})"
+        reason = (
+            f"Refusing websocket connection from Origin {origin!r}; allowed origins: {allowed}."
+            " Add it with --allow-websocket-origin or DOCSYNC_ALLOW_WEBSOCKET_ORIGIN."
+        )
+        return _refuse_ws(environ, 403, reason)
+    protocols = websocket.requested_subprotocols(environ)
+    if len(protocols) != 2 or protocols[0] != "bokeh":
+        return _refuse_ws(
+            environ, 403,
+            "Expected the subprotocols 'bokeh' and a session token (new WebSocket(url, ['bokeh', token])).",
+        )
+    try:
+        session = server.session_for_token(route, protocols[1], request_data())
+    except TokenError as exc:
+        return _refuse_ws(environ, exc.status, exc.reason)
+    except SessionError as exc:
+        return _refuse_ws(environ, exc.status, exc.reason)
+    except UnknownApplication as exc:
+        return _refuse_ws(environ, 404, str(exc))
+    except Exception:
+        log.exception("App %s: could not create the session for a WebSocket", route)
+        return _refuse_ws(environ, 500, "The application failed to create the session; see the server log.")
+    conn = websocket.WebSocket.accept(
+        environ, subprotocol="bokeh", max_message_size=server.settings.websocket_max_message_size
+    )
+    server.serve_connection(conn, session)
+    return _WebSocketDone(conn)
+
+
+def _refuse_ws(environ: Any, status: int, reason: str) -> Response:
+    log.warning("WebSocket %s refused (%d): %s", request.path, status, reason)
+    if "wsgi.websocket" in environ:
+        # gevent-websocket has already completed the handshake: all that is
+        # left is a close frame with a policy code.
+        conn = websocket.WebSocket.accept(environ)
+        conn.close(1008 if status in (401, 403) else 1011, reason[:120])
+        return _WebSocketDone(conn)
+    return _refuse(status, reason)
+
+
+def make_blueprint(url_prefix: str) -> Blueprint:
+    """The ``docsync`` blueprint mounted at ``url_prefix``."""
+    bp = Blueprint("docsync", __name__, template_folder=_TEMPLATE_FOLDER, url_prefix=url_prefix or None)
+    bp.add_url_rule("/", "index", index, strict_slashes=False)
+    bp.add_url_rule("/static/extensions/<path:filename>", "extension_static", extension_static)
+    bp.add_url_rule("/static/<path:filename>", "bokehjs_static", bokehjs_static)
+    bp.add_url_rule("/ws", "root_ws", ws, websocket=True)
+    bp.add_url_rule("/autoload.js", "root_autoload_js", autoload_js, methods=["GET", "OPTIONS"])
+    bp.add_url_rule("/metadata", "root_metadata", metadata)
+    bp.add_url_rule("/<path:app_path>/ws", "ws", ws, websocket=True)
+    bp.add_url_rule("/<path:app_path>/autoload.js", "autoload_js", autoload_js, methods=["GET", "OPTIONS"])
+    bp.add_url_rule("/<path:app_path>/metadata", "metadata", metadata)
+    bp.add_url_rule("/<path:app_path>/static/<path:filename>", "app_static", app_static)
+    bp.add_url_rule("/<path:app_path>/", "page", page, strict_slashes=False)
+    return bp

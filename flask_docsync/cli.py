@@ -1,0 +1,273 @@
+"""``flask-docsync serve``: a drop-in for ``bokeh serve`` on gevent's WSGI server.
+
+Nothing here imports bokeh or Flask at module level: with one process the
+command monkey-patches the standard library first, as gevent requires,
+and only then loads the apps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob as _glob
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+DEFAULT_PORT = 5006
+DEFAULT_LOG_FORMAT = "%(asctime)s %(message)s"
+LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "critical")
+
+
+def _ms(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flask-docsync",
+        description="Serve Bokeh applications with Flask on gevent (a drop-in for `bokeh serve`).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="Run a server for one or more Bokeh applications.")
+    p.add_argument("files", metavar="DIRECTORY-OR-SCRIPT", nargs="*", help="Bokeh apps to serve (scripts, notebooks or directories).")
+    p.add_argument("--glob", action="store_true", help="Expand glob patterns in DIRECTORY-OR-SCRIPT.")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="Port to listen on (0 picks a free one).")
+    p.add_argument("--address", default=None, help="Address to listen on (default: all interfaces).")
+    p.add_argument("--allow-websocket-origin", metavar="HOST[:PORT]", action="append", default=None,
+                   help="Origin allowed to open the WebSocket; repeatable. Default: localhost:<port> and the serving host.")
+    p.add_argument("--prefix", default="", help="URL prefix for every route.")
+    p.add_argument("--session-ids", choices=("unsigned", "signed", "external-signed"), default=None,
+                   help="Session id policy (signed needs BOKEH_SECRET_KEY or DOCSYNC_SECRET_KEY).")
+    p.add_argument("--session-token-expiration", type=int, default=None, metavar="SECONDS",
+                   help="How long a session token may be used to create its session (default 300).")
+    p.add_argument("--keep-alive", type=_ms, default=None, metavar="MILLISECONDS",
+                   help="Ping interval for WebSockets; 0 turns pings off (default 37000).")
+    p.add_argument("--check-unused-sessions", type=_ms, default=None, metavar="MILLISECONDS",
+                   help="How often to look for unused sessions (default 17000).")
+    p.add_argument("--unused-session-lifetime", type=_ms, default=None, metavar="MILLISECONDS",
+                   help="How long an unused session lives (default 15000).")
+    p.add_argument("--websocket-max-message-size", type=int, default=None, metavar="BYTES",
+                   help="Largest incoming WebSocket message (default 20 MiB).")
+    p.add_argument("--include-headers", nargs="+", default=None, help="Request headers carried in the session token.")
+    p.add_argument("--exclude-headers", nargs="+", default=None, help="Request headers left out of the session token.")
+    p.add_argument("--include-cookies", nargs="+", default=None, help="Cookies carried in the session token.")
+    p.add_argument("--exclude-cookies", nargs="+", default=None, help="Cookies left out of the session token.")
+    p.add_argument("--index", default=None, metavar="TEMPLATE", help="A Jinja template file for the index page.")
+    p.add_argument("--disable-index", action="store_true", help="Do not serve an index at /.")
+    p.add_argument("--disable-index-redirect", action="store_true", help="Do not redirect / to the only app.")
+    p.add_argument("--ico-path", default="default", help="Path of a .ico for /favicon.ico, or 'none'.")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="Log level (default info).")
+    p.add_argument("--log-format", default=DEFAULT_LOG_FORMAT, help="Python logging format.")
+    p.add_argument("--log-file", default=None, help="Write logs to this file.")
+    p.add_argument("--use-xheaders", action="store_true",
+                   help="Trust X-Forwarded-For/-Proto/-Host/-Prefix from one proxy in front.")
+    p.add_argument("--num-procs", type=int, default=1,
+                   help="Worker processes (gunicorn gevent workers); 0 means one per core.")
+    p.add_argument("--args", nargs=argparse.REMAINDER, default=[], metavar="...",
+                   help="Arguments for the apps' sys.argv (must come last).")
+    return parser
+
+
+def _expand(files: Sequence[str], use_glob: bool) -> list[str]:
+    if not use_glob:
+        return list(files)
+    out: list[str] = []
+    for pattern in files:
+        out.extend(sorted(_glob.glob(pattern)) or [pattern])
+    return out
+
+
+def create_app(options: argparse.Namespace) -> Any:
+    """The Flask app ``flask-docsync serve`` runs, built from parsed options."""
+    from flask import Flask, abort, send_file
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    from .extension import DocSync
+
+    app = Flask("flask_docsync.serve", static_folder=None)
+    files = _expand(options.files, options.glob)
+    port = options.port
+    origins = options.allow_websocket_origin
+    if origins is None and not os.environ.get("BOKEH_ALLOW_WS_ORIGIN"):
+        # bokeh serve's default, plus the serving host (see origin_allowed).
+        origins = [f"localhost:{port}"] if port else []
+    settings: dict[str, Any] = {"url_prefix": options.prefix}
+    if origins is not None:
+        settings["allow_websocket_origin"] = origins
+    if options.session_ids == "unsigned":
+        settings["sign_sessions"] = False
+    elif options.session_ids in ("signed", "external-signed"):
+        settings["sign_sessions"] = True
+        settings["generate_session_ids"] = options.session_ids == "signed"
+    secret = os.environ.get("DOCSYNC_SECRET_KEY")
+    if secret:
+        settings["secret_key"] = secret
+    for flag, key in (
+        ("session_token_expiration", "session_token_expiration"),
+        ("keep_alive", "keep_alive_ms"),
+        ("check_unused_sessions", "check_unused_sessions_ms"),
+        ("unused_session_lifetime", "unused_session_lifetime_ms"),
+        ("websocket_max_message_size", "websocket_max_message_size"),
+        ("include_headers", "include_headers"),
+        ("exclude_headers", "exclude_headers"),
+        ("include_cookies", "include_cookies"),
+        ("exclude_cookies", "exclude_cookies"),
+    ):
+        value = getattr(options, flag)
+        if value is not None:
+            settings[key] = value
+    if options.include_headers is None and options.exclude_headers is None:
+        # bokeh serve carries every header and cookie in the token; so does
+        # the drop-in, unless told otherwise.
+        settings["include_headers"] = ["*"]
+    if options.include_cookies is None and options.exclude_cookies is None:
+        settings["include_cookies"] = ["*"]
+    settings["index"] = not options.disable_index
+    settings["index_redirect"] = not options.disable_index_redirect
+    settings["index_template"] = options.index
+    docsync = DocSync(**settings)
+    if not files:
+        from bokeh.application import Application
+
+        docsync.add_app("/", Application())
+    for path in files:
+        docsync.add_app(None, path, argv=options.args)
+    docsync.init_app(app)
+
+    if options.ico_path != "none":
+        if options.ico_path == "default":
+            import bokeh.server.views as views
+
+            ico = os.path.join(os.path.dirname(views.__file__), "bokeh.ico")
+        else:
+            ico = os.path.abspath(options.ico_path)
+
+        @app.route("/favicon.ico")
+        def favicon() -> Any:
+            if not os.path.exists(ico):
+                abort(404)
+            return send_file(ico, mimetype="image/x-icon", max_age=86400)
+
+    if options.use_xheaders:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_prefix=1)  # type: ignore[method-assign]
+    return app
+
+
+def _configure_logging(options: argparse.Namespace) -> None:
+    level = "DEBUG" if options.log_level == "trace" else options.log_level.upper()
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if options.log_file:
+        handlers = [logging.FileHandler(options.log_file)]
+    logging.basicConfig(level=level, format=options.log_format, handlers=handlers, force=True)
+
+
+def _print_urls(routes: Sequence[str], address: str | None, port: int, prefix: str) -> None:
+    host = address or "localhost"
+    prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
+    log = logging.getLogger("flask_docsync.cli")
+    for route in routes:
+        path = prefix + (route if route != "/" else "/")
+        log.info("Bokeh app running at: http://%s:%d%s", host, port, path)
+
+
+def serve(options: argparse.Namespace) -> int:
+    """Run one gevent WSGI server process until SIGINT/SIGTERM."""
+    import signal
+
+    import gevent
+    import gevent.event
+    from gevent.pywsgi import WSGIServer
+
+    _configure_logging(options)
+    log = logging.getLogger("flask_docsync.cli")
+    from .errors import ConfigurationError
+
+    try:
+        app = create_app(options)
+    except ConfigurationError as exc:
+        log.error("%s", exc)
+        return 1
+    server = WSGIServer((options.address or "", options.port), app, log=None, error_log=logging.getLogger("gevent.pywsgi"))
+    try:
+        server.start()
+    except OSError as exc:
+        log.error("Cannot listen on %s:%d: %s", options.address or "*", options.port, exc)
+        return 1
+    port = server.server_port
+    docsync_server = app.extensions["docsync"]
+    docsync_server.start()
+    _print_urls(docsync_server.routes(), options.address, port, options.prefix)
+    stop = gevent.event.Event()
+
+    def _stop(*_: Any) -> None:
+        stop.set()
+
+    gevent.signal_handler(signal.SIGTERM, _stop)
+    gevent.signal_handler(signal.SIGINT, _stop)
+    stop.wait()
+    log.info("Shutting down")
+    server.stop(timeout=1)
+    docsync_server.stop()
+    server.close()
+    return 0
+
+
+def serve_with_gunicorn(options: argparse.Namespace) -> int:
+    """Run ``--num-procs`` gunicorn gevent workers on one port."""
+    from gunicorn.app.base import BaseApplication
+
+    workers = options.num_procs or (os.cpu_count() or 1)
+    bind = f"{options.address or '0.0.0.0'}:{options.port}"
+
+    class _App(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            self.cfg.set("bind", bind)
+            self.cfg.set("workers", workers)
+            self.cfg.set("worker_class", "gevent")
+            self.cfg.set("loglevel", "debug" if options.log_level == "trace" else options.log_level)
+            self.cfg.set("timeout", 60)
+            self.cfg.set("graceful_timeout", 10)
+            self.cfg.set("limit_request_field_size", 16384)
+
+        def load(self) -> Any:
+            _configure_logging(options)
+            app = create_app(options)
+            app.extensions["docsync"].start()
+            return app
+
+    if not os.environ.get("DOCSYNC_SECRET_KEY") and not os.environ.get("BOKEH_SECRET_KEY"):
+        # A page and its WebSocket may land on different workers; the token
+        # must be verifiable by all of them.
+        print(
+            "flask-docsync: --num-procs > 1 needs a shared secret: set DOCSYNC_SECRET_KEY"
+            " (or BOKEH_SECRET_KEY; `bokeh secret` makes one).",
+            file=sys.stderr,
+        )
+        return 1
+    _configure_logging(options)
+    _print_urls([], options.address, options.port, options.prefix)
+    _App().run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    if options.command == "serve":
+        if options.num_procs != 1:
+            return serve_with_gunicorn(options)
+        # Before anything imports socket/ssl/threading users (bokeh, Flask,
+        # the apps): gevent requires patching to come first.
+        from gevent import monkey
+
+        monkey.patch_all()
+        return serve(options)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

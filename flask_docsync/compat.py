@@ -1,0 +1,67 @@
+"""The one place where flask-docsync adapts to differences between Bokeh releases.
+
+Bokeh up to 3.9 keeps the stack behind ``curdoc()`` in a module-global list,
+so two sessions' callbacks interleaving on gevent greenlets would see each
+other's documents. Bokeh 3.10 keeps it in a ``ContextVar``. :func:`install`
+gives 3.9 the same per-greenlet behaviour by swapping the global list for a
+stack stored in a ``ContextVar`` (greenlet >= 1.0 gives every greenlet its
+own context), leaving 3.10 untouched.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import bokeh
+from bokeh.io import doc as _bokeh_io_doc
+
+BOKEH_VERSION: tuple[int, ...] = tuple(
+    int(part) for part in bokeh.__version__.split(".")[:2] if part.isdigit()
+)
+
+_stack: contextvars.ContextVar[tuple[weakref.ReferenceType[Any], ...]] = contextvars.ContextVar(
+    "flask_docsync_curdoc", default=()
+)
+
+
+class _ContextCurdocStack:
+    """A list-like stack whose contents belong to the current greenlet.
+
+    It supports exactly the operations ``bokeh.io.doc`` performs on its
+    ``_PATCHED_CURDOCS`` list.
+    """
+
+    def append(self, ref: weakref.ReferenceType[Any]) -> None:
+        _stack.set(_stack.get() + (ref,))
+
+    def pop(self) -> weakref.ReferenceType[Any]:
+        current = _stack.get()
+        _stack.set(current[:-1])
+        return current[-1]
+
+    def __len__(self) -> int:
+        return len(_stack.get())
+
+    def __getitem__(self, index: int) -> weakref.ReferenceType[Any]:
+        return _stack.get()[index]
+
+    def __iter__(self) -> Iterator[weakref.ReferenceType[Any]]:
+        return iter(_stack.get())
+
+    def __repr__(self) -> str:
+        return f"<per-greenlet curdoc stack {list(_stack.get())!r}>"
+
+
+def install() -> None:
+    """Make ``curdoc()`` per greenlet. Safe to call more than once."""
+    current = getattr(_bokeh_io_doc, "_PATCHED_CURDOCS", None)
+    if isinstance(current, list):
+        if current:
+            raise RuntimeError(
+                "curdoc() is patched while flask-docsync starts; start the"
+                " server outside any bokeh callback."
+            )
+        _bokeh_io_doc._PATCHED_CURDOCS = _ContextCurdocStack()

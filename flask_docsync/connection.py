@@ -1,0 +1,264 @@
+"""One WebSocket connection to a session: a reader loop and a single writer.
+
+The connection reads Bokeh messages in the greenlet that serves the
+WebSocket request and writes from one writer greenlet fed by a bounded
+queue, so a message's frames are never interleaved with another's and a
+slow client never blocks a callback or another connection.
+
+``ws`` is any object with ``receive()``, ``send_many(frames)``,
+``ping(payload)``, ``close(code, reason)`` and ``abort()``; see
+:mod:`flask_docsync.websocket`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import gevent
+import gevent.queue
+
+from .errors import ProtocolViolation
+from .protocol import (
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_NORMAL,
+    CLOSE_POLICY_VIOLATION,
+    MessageDecoder,
+    encode,
+    protocol,
+)
+
+if TYPE_CHECKING:
+    from bokeh.protocol.message import Message
+
+    from .session import ServerSession
+
+log = logging.getLogger(__name__)
+
+#: After a slow client's queue overflows, how long the writer may take to
+#: finish its current message and send the close frame before TCP is cut.
+OVERFLOW_GRACE = 5.0
+#: Keep-alive pings that may go unanswered before a peer is taken for dead.
+MISSED_PONGS_ALLOWED = 2
+
+_ids = itertools.count(1)
+
+
+class _Close:
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+_STOP = object()
+
+
+class ServerConnection:
+    """Serves one WebSocket for one session.
+
+    :param ws: The accepted WebSocket.
+    :param session: The session this connection is subscribed to.
+    :param max_queue: Whole messages that may wait for a slow client. When
+        the queue is full the client is too far behind to catch up: it is
+        sent close 1008 (or cut off if it does not read even that) and the
+        session stays, so the client can reconnect and pull a fresh copy.
+    """
+
+    def __init__(self, ws: Any, session: ServerSession, max_queue: int) -> None:
+        self.id = next(_ids)
+        self.ws = ws
+        self.session = session
+        self._queue: gevent.queue.Queue[Any] = gevent.queue.Queue(maxsize=max_queue)
+        self._decoder = MessageDecoder()
+        self._closing = False
+        self._sending = False
+        self._ping_sent_at: float | None = None
+        self._missed_pongs = 0
+        self._ping_count = 0
+        self._writer = gevent.spawn(self._write_loop)
+        self._writer.name = f"docsync-writer(session={session.id}, connection={self.id})"
+
+    def __repr__(self) -> str:
+        return f"<ServerConnection {self.id} session={self.session.id[:12]}...>"
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def send_frames(self, frames: list[str | bytes]) -> None:
+        """Queue one whole message; never blocks."""
+        if self._closing:
+            return
+        try:
+            self._queue.put_nowait(frames)
+        except gevent.queue.Full:
+            self._overflow()
+
+    def send_message(self, message: Message[Any]) -> None:
+        self.send_frames(encode(message))
+
+    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        """Close after the messages already queued have been sent."""
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            self._queue.put_nowait(_Close(code, reason))
+        except gevent.queue.Full:
+            self._drop_queue_and_close(code, reason)
+
+    def _overflow(self) -> None:
+        log.warning(
+            "Session %s: connection %d fell %d messages behind; closing it with 1008"
+            " (the session stays open for a reconnect)",
+            self.session.id, self.id, self._queue.qsize(),
+        )
+        self._closing = True
+        self._drop_queue_and_close(CLOSE_POLICY_VIOLATION, "client too slow: outbound queue full")
+
+    def _drop_queue_and_close(self, code: int, reason: str) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except gevent.queue.Empty:
+                break
+        self._queue.put_nowait(_Close(code, reason))
+        gevent.spawn_later(OVERFLOW_GRACE, self._abort_if_stuck)
+
+    def _abort_if_stuck(self) -> None:
+        if not self._writer.dead:
+            log.warning("Session %s: connection %d is not reading; dropping TCP", self.session.id, self.id)
+            self._writer.kill(block=False)
+            self.ws.abort()
+
+    def keepalive(self) -> None:
+        """Ping the peer; close the connection after unanswered pings.
+
+        Called every keep-alive interval by the server's pinger.
+        """
+        if self._closing:
+            return
+        last_pong = getattr(self.ws, "last_pong", None)
+        if self._ping_sent_at is not None and (last_pong is None or last_pong < self._ping_sent_at):
+            self._missed_pongs += 1
+            if self._missed_pongs >= MISSED_PONGS_ALLOWED:
+                log.info(
+                    "Session %s: connection %d missed %d keep-alive pongs; closing it",
+                    self.session.id, self.id, self._missed_pongs,
+                )
+                self.close(CLOSE_POLICY_VIOLATION, "keep-alive timeout")
+                gevent.spawn_later(OVERFLOW_GRACE, self._abort_if_stuck)
+                return
+        else:
+            self._missed_pongs = 0
+        self._ping_count += 1
+        self._ping_sent_at = time.monotonic()
+        try:
+            self._queue.put_nowait(("ping", str(self._ping_count).encode()))
+        except gevent.queue.Full:
+            self._overflow()
+
+    def _write_loop(self) -> None:
+        ws = self.ws
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _STOP:
+                    return
+                if isinstance(item, _Close):
+                    ws.close(item.code, item.reason)
+                    return
+                if isinstance(item, tuple):
+                    ws.ping(item[1])
+                    continue
+                self._sending = True
+                ws.send_many(item)
+                self._sending = False
+        except gevent.GreenletExit:
+            raise
+        except Exception as exc:
+            # The reader sees the same broken socket and ends the connection.
+            log.debug("Session %s: connection %d write failed: %r", self.session.id, self.id, exc)
+            self._closing = True
+
+    def run(self) -> None:
+        """Serve the connection until it closes; call from the request greenlet."""
+        from .websocket import ConnectionClosed, MessageTooBig
+
+        session = self.session
+        code, reason = CLOSE_NORMAL, ""
+        session.subscribe(self)
+        self.send_message(protocol.create("ACK"))
+        try:
+            while True:
+                fragment = self.ws.receive()
+                if fragment is None:
+                    continue
+                message = self._decoder.feed(fragment)
+                if message is not None:
+                    self._handle(message)
+        except MessageTooBig as exc:
+            log.warning("Session %s: connection %d closed 1009: %s", session.id, self.id, exc.reason)
+        except ConnectionClosed as exc:
+            log.debug("Session %s: connection %d closed (%s %s)", session.id, self.id, exc.code, exc.reason)
+        except ProtocolViolation as exc:
+            log.warning(
+                "Session %s: connection %d closed with %d: %s", session.id, self.id, exc.code, exc.reason
+            )
+            code, reason = exc.code, exc.reason
+        except gevent.GreenletExit:
+            code, reason = CLOSE_NORMAL, "server shutting down"
+            raise
+        except Exception:
+            log.exception("Session %s: connection %d failed", session.id, self.id)
+            code, reason = CLOSE_INTERNAL_ERROR, "internal server error"
+        finally:
+            session.unsubscribe(self)
+            self._finish(code, reason)
+            session.notify_connection_lost()
+
+    def _finish(self, code: int, reason: str) -> None:
+        if not self._writer.dead:
+            self.close(code, reason)
+            self._writer.join(timeout=OVERFLOW_GRACE)
+            if not self._writer.dead:
+                self._writer.kill(block=False)
+                self.ws.abort()
+                return
+        if not getattr(self.ws, "closed", False):
+            self.ws.close(code, reason)
+
+    def _handle(self, message: Message[Any]) -> None:
+        session = self.session
+        msgtype = message.msgtype
+        msgid = message.header["msgid"]
+        try:
+            if msgtype == "PULL-DOC-REQ":
+                reply = session.handle_pull(message, self)
+            elif msgtype == "PATCH-DOC":
+                reply = session.handle_patch(message, self)
+            elif msgtype == "PUSH-DOC":
+                reply = session.handle_push(message, self)
+            elif msgtype == "SERVER-INFO-REQ":
+                reply = protocol.create("SERVER-INFO-REPLY", msgid)
+            else:  # MessageDecoder lets only client types through
+                raise ProtocolViolation(1002, f"unexpected message type {msgtype!r}")
+        except (gevent.GreenletExit, ProtocolViolation):
+            raise
+        except Exception as exc:
+            log.error(
+                "Session %s: %s %s from connection %d failed: %r",
+                session.id, msgtype, msgid, self.id, exc, exc_info=True,
+            )
+            error_text: str | None = f"{type(exc).__name__}: {exc}"[:500]
+        else:
+            error_text = None
+        if error_text is not None:
+            # Created outside the except block: Bokeh's ERROR message would
+            # otherwise attach the server's traceback for the client to read.
+            reply = protocol.create("ERROR", msgid, error_text)
+        self.send_message(reply)

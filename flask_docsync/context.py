@@ -1,0 +1,344 @@
+"""Application and session contexts: which sessions exist, and how they are born and die.
+
+Transport-neutral: request data arrives as a :class:`RequestData`, built by
+the Flask adapter from the request that created the session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import gevent.event
+import gevent.lock
+from bokeh.application import Application
+from bokeh.application.application import ServerContext as _BokehServerContext
+from bokeh.application.application import SessionContext as _BokehSessionContext
+from bokeh.application.handlers.code import CodeHandler
+from bokeh.application.handlers.directory import DirectoryHandler
+from bokeh.document import Document
+from bokeh.io.doc import patch_curdoc
+
+from . import aio
+from .errors import SessionError
+from .session import ServerSession
+
+log = logging.getLogger(__name__)
+
+# Script and directory apps run with process-global sys.path, sys.argv, cwd
+# and bokeh.io output patched (bokeh's CodeRunner); a greenlet switch during
+# one script run would expose that state to another, so runs take turns.
+_script_lock = gevent.lock.RLock()
+
+
+@dataclasses.dataclass
+class RequestData:
+    """What a session keeps of the HTTP request that created it.
+
+    ``arguments`` maps each query argument to a list of ``bytes`` values,
+    as ``bokeh serve`` gives them. ``user`` is whatever the host app's
+    authorization hook returned, or ``None``.
+    """
+
+    arguments: dict[str, list[bytes]] = dataclasses.field(default_factory=dict)
+    cookies: dict[str, str] = dataclasses.field(default_factory=dict)
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    method: str = "GET"
+    path: str = "/"
+    query: str = ""
+    uri: str = "/"
+    host: str = ""
+    protocol: str = "http"
+    remote_ip: str | None = None
+    user: Any = None
+
+
+class RequestProxy:
+    """``session_context.request``: the creating request, as Bokeh apps expect it."""
+
+    def __init__(self, data: RequestData) -> None:
+        self._data = data
+        arguments = dict(data.arguments)
+        arguments.pop("bokeh-session-id", None)
+        self._arguments = arguments
+
+    @property
+    def arguments(self) -> dict[str, list[bytes]]:
+        return self._arguments
+
+    @property
+    def cookies(self) -> dict[str, str]:
+        return self._data.cookies
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self._data.headers
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("_"):
+            try:
+                return getattr(self._data, name)
+            except AttributeError:
+                pass
+        raise AttributeError(f"session_context.request has no attribute {name!r}")
+
+
+class ServerContext(_BokehServerContext):
+    """The ``server_context`` of one application; apps may keep shared state on it."""
+
+    def __init__(self, application_context: ApplicationContext) -> None:
+        self._application_context = weakref.ref(application_context)
+        self._session_contexts: dict[str, SessionContext] = {}
+
+    @property
+    def application_context(self) -> ApplicationContext | None:
+        return self._application_context()
+
+    @property
+    def sessions(self) -> list[SessionContext]:  # type: ignore[override]
+        return list(self._session_contexts.values())
+
+
+class SessionContext(_BokehSessionContext):
+    """``curdoc().session_context`` of a session served by flask-docsync."""
+
+    def __init__(
+        self,
+        server_context: ServerContext,
+        session_id: str,
+        request: RequestData,
+        token_payload: dict[str, Any],
+        document: Document,
+        logout_url: str | None = None,
+    ) -> None:
+        super().__init__(server_context, session_id)
+        self._request = RequestProxy(request)
+        self._token_payload = token_payload
+        self._document: Document | None = document
+        self._session: ServerSession | None = None
+        self._destroyed = False
+        self._logout_url = logout_url
+
+    @property
+    def destroyed(self) -> bool:
+        return self._destroyed
+
+    @property
+    def session(self) -> ServerSession | None:
+        """The session; ``None`` while ``on_session_created`` hooks run."""
+        return self._session
+
+    @property
+    def request(self) -> RequestProxy:
+        return self._request
+
+    @property
+    def token_payload(self) -> dict[str, Any]:
+        return self._token_payload
+
+    @property
+    def logout_url(self) -> str | None:
+        return self._logout_url
+
+    async def with_locked_document(self, func: Callable[[Document], Any]) -> Any:
+        if self._session is None:
+            # Before the session exists (on_session_created) nothing else can
+            # reach the document, so no lock is needed.
+            return aio.resolve(func(self._document))
+        return self._session.with_document_locked(func, self._session.document)
+
+
+def _needs_script_lock(application: Application) -> bool:
+    return any(isinstance(h, (CodeHandler, DirectoryHandler)) for h in application.handlers)
+
+
+class ApplicationContext:
+    """Sessions of one application at one route.
+
+    :param application: The Bokeh ``Application``.
+    :param url: The route, e.g. ``"/sliders"``.
+    :param app_scope: Returns a context manager entered around app code
+        (hooks, document creation, callbacks): the Flask app context.
+    :param logout_url: Exposed as ``session_context.logout_url``.
+    """
+
+    def __init__(
+        self,
+        application: Application,
+        url: str,
+        app_scope: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+        logout_url: str | None = None,
+    ) -> None:
+        self.application = application
+        self.url = url
+        self.app_scope = app_scope or contextlib.nullcontext
+        self.logout_url = logout_url
+        self.server_context = ServerContext(self)
+        self._sessions: dict[str, ServerSession] = {}
+        self._pending: dict[str, gevent.event.AsyncResult] = {}
+        self._loaded = False
+        self._script_lock = _script_lock if _needs_script_lock(application) else None
+
+    def __repr__(self) -> str:
+        return f"<ApplicationContext {self.url} sessions={len(self._sessions)}>"
+
+    @property
+    def sessions(self) -> list[ServerSession]:
+        return list(self._sessions.values())
+
+    def get_session(self, session_id: str) -> ServerSession | None:
+        return self._sessions.get(session_id)
+
+    def run_load_hook(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        try:
+            with self.app_scope():
+                self.application.on_server_loaded(self.server_context)
+        except Exception:
+            log.exception("App %s: error in on_server_loaded", self.url)
+
+    def run_unload_hook(self) -> None:
+        if not self._loaded:
+            return
+        self._loaded = False
+        try:
+            with self.app_scope():
+                self.application.on_server_unloaded(self.server_context)
+        except Exception:
+            log.exception("App %s: error in on_server_unloaded", self.url)
+
+    def create_session_if_needed(
+        self, session_id: str, request: RequestData, token: str, token_payload: dict[str, Any]
+    ) -> ServerSession:
+        """Return the session ``session_id``, creating it on first use.
+
+        Concurrent callers for one new id share a single creation. When
+        creation fails every caller gets the error and the id is free again.
+
+        :raises SessionError: for an empty id.
+        """
+        if not session_id:
+            raise SessionError(400, "A session id is required.")
+        session = self._sessions.get(session_id)
+        if session is not None:
+            return session
+        pending = self._pending.get(session_id)
+        if pending is not None:
+            return pending.get()
+        result = self._pending[session_id] = gevent.event.AsyncResult()
+        try:
+            session = self._create(session_id, request, token, token_payload)
+        except BaseException as exc:
+            result.set_exception(exc)
+            raise
+        else:
+            self._sessions[session_id] = session
+            result.set(session)
+            return session
+        finally:
+            del self._pending[session_id]
+
+    def _create(
+        self, session_id: str, request: RequestData, token: str, token_payload: dict[str, Any]
+    ) -> ServerSession:
+        doc = Document()
+        context = SessionContext(
+            self.server_context, session_id, request, token_payload, doc, self.logout_url
+        )
+        doc._session_context = weakref.ref(context)
+        try:
+            with self.app_scope():
+                self._run_session_hooks("on_session_created", context)
+                lock = self._script_lock or contextlib.nullcontext()
+                with lock, patch_curdoc(doc):
+                    # Bokeh's FunctionHandler does not patch curdoc; this does.
+                    self.application.initialize_document(doc)
+        except Exception:
+            doc._session_context = None
+            log.exception("App %s: session %s could not be created", self.url, session_id)
+            raise
+        for handler in self.application.handlers:
+            if handler.failed:
+                log.error(
+                    "App %s: session %s got an incomplete document: %s %s",
+                    self.url, session_id, handler.error, handler.error_detail,
+                )
+        session = ServerSession(session_id, doc, token, self.app_scope)
+        context._session = session
+        self.server_context._session_contexts[session_id] = context
+        return session
+
+    def _run_session_hooks(self, name: str, context: SessionContext) -> None:
+        # Called per handler rather than through Application so that an
+        # ``async def`` hook in app_hooks.py is really awaited (Bokeh 3.9
+        # drops the coroutine).
+        for handler in self.application.handlers:
+            try:
+                aio.resolve(aio.resolve(getattr(handler, name)(context)))
+            except Exception:
+                log.exception("App %s: session %s: error in %s", self.url, context.id, name)
+
+    def discard_session(self, session: ServerSession, check: Callable[[], bool] | None = None) -> bool:
+        """Destroy ``session`` and run ``on_session_destroyed`` hooks.
+
+        :param check: Re-checked with the document lock held; the session
+            is kept when it returns false (e.g. a client connected meanwhile).
+        :return: Whether the session was discarded.
+        """
+        if session.destroyed:
+            return False
+        with session._lock:
+            if check is not None and not check():
+                return False
+            if session.connection_count > 0:
+                return False
+            session.destroy()
+        self._sessions.pop(session.id, None)
+        context = self.server_context._session_contexts.pop(session.id, None)
+        if context is not None:
+            context._destroyed = True
+            with self.app_scope():
+                self._run_session_hooks("on_session_destroyed", context)
+            context._document = None
+            context._session = None
+        log.debug("App %s: discarded session %s", self.url, session.id)
+        return True
+
+    def cleanup_unused_sessions(self, unused_lifetime_ms: int) -> int:
+        """Discard sessions nobody has been connected to for ``unused_lifetime_ms``."""
+
+        def unused(session: ServerSession) -> bool:
+            return (
+                session.connection_count == 0
+                and not session.expiration_blocked
+                and (
+                    session.expiration_requested
+                    or session.milliseconds_since_last_unsubscribe > unused_lifetime_ms
+                )
+            )
+
+        count = 0
+        for session in [s for s in self.sessions if unused(s)]:
+            if self.discard_session(session, lambda s=session: unused_after_lock(s)):
+                count += 1
+        return count
+
+    def destroy_all(self) -> None:
+        """Discard every session that has no connection left (server shutdown)."""
+        for session in self.sessions:
+            try:
+                self.discard_session(session)
+            except Exception:
+                log.exception("App %s: error discarding session %s", self.url, session.id)
+
+
+def unused_after_lock(session: ServerSession) -> bool:
+    # Re-checked under the lock: a client may have connected, or a callback
+    # may be waiting for the document (it blocks expiration while it waits).
+    return session.connection_count == 0 and not session.expiration_blocked

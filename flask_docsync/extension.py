@@ -1,0 +1,122 @@
+"""The Flask extension object."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from flask import Flask, current_app
+
+from .apps import AppTarget, build_application, normalize_route
+from .blueprint import make_blueprint
+from .config import Settings
+from .errors import ConfigurationError
+from .server import DocSyncServer
+
+
+class DocSync:
+    """Serve live Bokeh documents from a Flask app.
+
+    ::
+
+        docsync = DocSync()
+
+        def create_app():
+            app = Flask(__name__)
+            docsync.init_app(app)
+            docsync.add_app("/sliders", "apps/sliders.py")
+            return app
+
+    One ``DocSync`` may be bound to several apps; each app keeps its own
+    sessions in ``app.extensions["docsync"]``.
+
+    :param app: Bind to this app at once (same as calling :meth:`init_app`).
+    :param options: Defaults for the :class:`~flask_docsync.config.Settings`
+        fields (``url_prefix``, ``allow_websocket_origin``, ``keep_alive_ms``,
+        ...). A ``DOCSYNC_<NAME>`` key in an app's config wins over the
+        option of the same name.
+    """
+
+    def __init__(self, app: Flask | None = None, **options: Any) -> None:
+        self._options = options
+        self._targets: dict[str, tuple[AppTarget, tuple[str, ...]]] = {}
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Register the blueprint and keep this app's state in ``app.extensions["docsync"]``.
+
+        :raises ConfigurationError: for invalid settings or an app that
+            does not load.
+        """
+        if "docsync" in app.extensions:
+            raise ConfigurationError("DocSync is already initialized on this app.")
+        settings = Settings.load(app.config, self._options)
+        server = DocSyncServer(
+            settings,
+            app_scope=app.app_context,
+            resolver=self._resolve,
+            known_routes=lambda: list(self._targets),
+        )
+        app.extensions["docsync"] = server
+        app.register_blueprint(make_blueprint(settings.url_prefix))
+        for route in list(self._targets):
+            # Apps registered so far load now, so a broken script fails at
+            # start-up instead of on the first page view.
+            server.get_context(route)
+
+    def _resolve(self, route: str) -> Any:
+        entry = self._targets.get(route)
+        if entry is None:
+            return None
+        target, argv = entry
+        return build_application(target, argv)
+
+    def add_app(self, route: str | None, target: AppTarget, argv: Sequence[str] = ()) -> str:
+        """Serve a Bokeh application at ``route``.
+
+        :param route: The URL path below the blueprint prefix, e.g.
+            ``"/sliders"``. ``None`` takes the script's or directory's name,
+            as ``bokeh serve`` does.
+        :param target: A ``modify_doc(doc)`` function, a bokeh
+            ``Application``, or the path of a ``.py`` script, ``.ipynb``
+            notebook or app directory.
+        :param argv: Arguments a script or directory app sees in ``sys.argv[1:]``.
+        :return: The normalized route.
+        """
+        if route is None:
+            if not isinstance(target, (str, os.PathLike)):
+                raise ConfigurationError("A route is required unless the target is a path.")
+            from .apps import route_for_path
+
+            route = route_for_path(os.fspath(target))
+        route = normalize_route(route)
+        if route in self._targets:
+            raise ConfigurationError(f"An app is already registered at {route!r}.")
+        if isinstance(target, (str, os.PathLike)) and not os.path.exists(os.fspath(target)):
+            raise ConfigurationError(f"App path {os.fspath(target)!r} does not exist.")
+        self._targets[route] = (target, tuple(argv))
+        return route
+
+    def app(self, route: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator form of :meth:`add_app` for a ``modify_doc(doc)`` function."""
+
+        def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
+            self.add_app(route, func)
+            return func
+
+        return decorator
+
+    @property
+    def routes(self) -> list[str]:
+        return sorted(self._targets)
+
+    @staticmethod
+    def server(app: Flask | None = None) -> DocSyncServer:
+        """The :class:`~flask_docsync.server.DocSyncServer` of ``app`` (default: ``current_app``)."""
+        target = app if app is not None else current_app
+        try:
+            return target.extensions["docsync"]
+        except KeyError:
+            raise ConfigurationError("DocSync is not initialized on this app; call docsync.init_app(app).") from None

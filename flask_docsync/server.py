@@ -1,0 +1,240 @@
+"""The state DocSync keeps per Flask app: applications, sessions, background work.
+
+Transport-neutral. The Flask extension stores one :class:`DocSyncServer`
+in ``app.extensions["docsync"]``; the blueprint and the WebSocket adapter
+call into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+
+from . import compat
+from .config import Settings
+from .connection import ServerConnection
+from .context import ApplicationContext, RequestData
+from .errors import SessionError, TokenError, UnknownApplication
+from .protocol import CLOSE_GOING_AWAY
+from .session import ServerSession
+from .tokens import TokenPolicy
+
+log = logging.getLogger(__name__)
+
+
+class DocSyncServer:
+    """Applications and sessions of one Flask app.
+
+    Background greenlets (unused-session cleanup and keep-alive pings) start
+    lazily with the first session, so importing or configuring an app
+    never spawns anything.
+
+    :param settings: The frozen settings.
+    :param app_scope: Returns a context manager entered around app code
+        (the Flask app context).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        app_scope: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+        resolver: Callable[[str], Any] | None = None,
+        known_routes: Callable[[], list[str]] | None = None,
+    ) -> None:
+        compat.install()
+        self._resolver = resolver
+        self._known_routes = known_routes
+        self.settings = settings
+        self.tokens = TokenPolicy(settings)
+        self.app_scope = app_scope or contextlib.nullcontext
+        self.contexts: dict[str, ApplicationContext] = {}
+        self.connections: set[ServerConnection] = set()
+        self._greenlets: list[gevent.Greenlet] = []
+        self._started = False
+        self._stopping = False
+
+    def add_application(self, route: str, application: Any, logout_url: str | None = None) -> ApplicationContext:
+        context = ApplicationContext(application, route, self.app_scope, logout_url)
+        self.contexts[route] = context
+        return context
+
+    def routes(self) -> list[str]:
+        """Every registered route, built or not yet built."""
+        routes = set(self.contexts)
+        if self._known_routes is not None:
+            routes.update(self._known_routes())
+        return sorted(routes)
+
+    def has_route(self, route: str) -> bool:
+        return route in self.contexts or route in self.routes()
+
+    def get_context(self, route: str) -> ApplicationContext:
+        """The context of ``route``, building its application on first use.
+
+        :raises UnknownApplication: listing the registered routes.
+        """
+        context = self.contexts.get(route)
+        if context is not None:
+            return context
+        application = self._resolver(route) if self._resolver is not None else None
+        if application is None:
+            raise UnknownApplication(route, self.routes())
+        context = self.add_application(route, application)
+        if self._started:
+            context.run_load_hook()
+        return context
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def start(self) -> None:
+        """Run ``on_server_loaded`` hooks and start background greenlets (idempotent)."""
+        if self._started:
+            return
+        self._started = True
+        for context in self.contexts.values():
+            context.run_load_hook()
+        cleanup = gevent.spawn(self._cleanup_loop)
+        cleanup.name = "docsync-unused-session-cleanup"
+        self._greenlets.append(cleanup)
+        if self.settings.keep_alive_ms > 0:
+            pinger = gevent.spawn(self._keepalive_loop)
+            pinger.name = "docsync-keepalive"
+            self._greenlets.append(pinger)
+
+    def stop(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down") -> None:
+        """Close every connection, destroy every session, run unload hooks."""
+        if not self._started or self._stopping:
+            return
+        self._stopping = True
+        for greenlet in self._greenlets:
+            greenlet.kill(block=False)
+        gevent.joinall(self._greenlets, timeout=5)
+        self._greenlets.clear()
+        for connection in list(self.connections):
+            connection.close(code, reason)
+        deadline = gevent.Timeout(5)
+        deadline.start()
+        try:
+            while self.connections:
+                gevent.sleep(0.05)
+        except gevent.Timeout:
+            log.warning("%d connection(s) did not close in time", len(self.connections))
+        finally:
+            deadline.close()
+        for context in self.contexts.values():
+            for session in context.sessions:
+                for connection in list(session._connections):
+                    session.unsubscribe(connection)
+            context.destroy_all()
+            context.run_unload_hook()
+        self._started = False
+        self._stopping = False
+
+    # Sessions
+
+    def create_session(
+        self,
+        route: str,
+        request: RequestData,
+        session_id: str | None = None,
+        token_extra: dict[str, Any] | None = None,
+    ) -> ServerSession:
+        """Create (or join) a session for an HTTP request, making its token.
+
+        :param session_id: An id the client brought (``bokeh-session-id``);
+            ``None`` generates one. A brought id must be signed when signing
+            is on.
+        :raises SessionError: when the id is refused.
+        """
+        context = self.get_context(route)
+        if self._stopping:
+            raise SessionError(503, "The server is shutting down; retry in a moment.")
+        policy = self.tokens
+        if session_id is None:
+            if not self.settings.generate_session_ids:
+                raise SessionError(
+                    403, "No bokeh-session-id provided: this server only joins externally signed session ids."
+                )
+            session_id = policy.new_session_id()
+        else:
+            policy.check_session_id(session_id)
+        token = policy.make_token(
+            session_id, request.arguments, request.headers, request.cookies, token_extra
+        )
+        _, payload = policy.decode(token)
+        self.start()
+        return context.create_session_if_needed(session_id, request, token, payload)
+
+    def session_for_token(self, route: str, token: str, live_request: RequestData) -> ServerSession:
+        """The session a WebSocket's token names, created if this worker lacks it.
+
+        The token's expiry is checked only when the session has to be
+        created; a live session accepts its valid token again, so a
+        reconnect after the expiry window still reattaches.
+        """
+        context = self.get_context(route)
+        if self._stopping:
+            raise SessionError(503, "The server is shutting down; retry in a moment.")
+        session_id, payload = self.tokens.decode(token)
+        session = context.get_session(session_id)
+        if session is not None and not session.destroyed:
+            return session
+        self.tokens.check_expiry(payload)
+        if not session_id:
+            raise TokenError("The session token names no session.")
+        request = RequestData(
+            arguments=payload.get("arguments") or live_request.arguments,
+            cookies=payload.get("cookies") or live_request.cookies,
+            headers=payload.get("headers") or live_request.headers,
+            method=live_request.method,
+            path=live_request.path,
+            query=live_request.query,
+            uri=live_request.uri,
+            host=live_request.host,
+            protocol=live_request.protocol,
+            remote_ip=live_request.remote_ip,
+            user=live_request.user,
+        )
+        self.start()
+        return context.create_session_if_needed(session_id, request, token, payload)
+
+    def serve_connection(self, ws: Any, session: ServerSession) -> None:
+        """Serve an accepted WebSocket until it closes."""
+        connection = ServerConnection(ws, session, self.settings.outbound_queue_size)
+        self.connections.add(connection)
+        try:
+            connection.run()
+        finally:
+            self.connections.discard(connection)
+
+    def session_count(self) -> int:
+        return sum(len(c.sessions) for c in self.contexts.values())
+
+    # Background work
+
+    def _cleanup_loop(self) -> None:
+        interval = self.settings.check_unused_sessions_ms / 1000.0
+        lifetime = self.settings.unused_session_lifetime_ms
+        while True:
+            gevent.sleep(interval)
+            for context in list(self.contexts.values()):
+                try:
+                    context.cleanup_unused_sessions(lifetime)
+                except Exception:
+                    log.exception("App %s: unused-session cleanup failed", context.url)
+
+    def _keepalive_loop(self) -> None:
+        interval = self.settings.keep_alive_ms / 1000.0
+        while True:
+            gevent.sleep(interval)
+            for connection in list(self.connections):
+                try:
+                    connection.keepalive()
+                except Exception:
+                    log.exception("Keep-alive ping to connection %d failed", connection.id)

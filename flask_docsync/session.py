@@ -1,0 +1,285 @@
+"""A server session: one Document, its lock, its callbacks and its connections.
+
+Transport-neutral: a connection is any object with ``send_frames(frames)``
+(an atomic, non-blocking enqueue of one whole message).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
+
+import gevent
+import gevent.lock
+from bokeh.document.locking import UnlockedDocumentProxy
+from bokeh.events import ConnectionLost
+from bokeh.io.doc import patch_curdoc
+
+from . import aio
+from .protocol import encode, protocol
+from .scheduler import CallbackScheduler
+
+if TYPE_CHECKING:
+    from bokeh.document import Document
+    from bokeh.document.events import DocumentPatchedEvent
+    from bokeh.protocol.message import Message
+    from bokeh.server.callbacks import SessionCallback
+
+log = logging.getLogger(__name__)
+
+
+class Subscriber(TypingProtocol):
+    def send_frames(self, frames: list[str | bytes]) -> None: ...
+
+
+def _now_ms() -> float:
+    return time.monotonic() * 1000
+
+
+def describe_callback(callback: Any) -> str:
+    fn = getattr(callback, "callback", callback)
+    fn = getattr(fn, "__wrapped__", fn)
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+class ServerSession:
+    """Hosts one Document for one or more connections.
+
+    All changes to the document happen under the session's lock: client
+    patches, pulls and pushes, locked callbacks, and
+    :meth:`with_document_locked`. Changes made under the lock are collected
+    and, when the lock is released, serialized once per event and sent to
+    every subscribed connection, also when the code holding the lock raised.
+
+    :param session_id: The session id (possibly signed).
+    :param document: The Document, already initialized by the application.
+    :param token: The token the session was created with; served to the
+        page that embeds the session.
+    :param app_scope: Returns a context manager entered around every
+        callback (the Flask app context); ``None`` enters nothing.
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        document: Document,
+        token: str,
+        app_scope: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    ) -> None:
+        self._id = session_id
+        self._token = token
+        self._document = document
+        self._app_scope = app_scope or contextlib.nullcontext
+        self._lock = gevent.lock.Semaphore()
+        self._lock_owner: Any = None
+        self._pending: list[tuple[DocumentPatchedEvent, Subscriber | None]] | None = None
+        self._connections: set[Subscriber] = set()
+        self._current_patch_connection: Subscriber | None = None
+        self._last_unsubscribe = _now_ms()
+        self._destroyed = False
+        self._expiration_requested = False
+        self._expiration_blocked = 0
+        self._scheduler = CallbackScheduler(self._invoke_callback, session_id)
+        document.callbacks.on_change_dispatch_to(self)
+        for callback in document.session_callbacks:
+            self._scheduler.add(callback)
+
+    def __repr__(self) -> str:
+        return f"<ServerSession {self._id[:12]}... connections={len(self._connections)}>"
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    @property
+    def document(self) -> Document:
+        return self._document
+
+    @property
+    def destroyed(self) -> bool:
+        return self._destroyed
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    @property
+    def callback_count(self) -> int:
+        return len(self._scheduler)
+
+    @property
+    def milliseconds_since_last_unsubscribe(self) -> float:
+        return _now_ms() - self._last_unsubscribe
+
+    @property
+    def expiration_requested(self) -> bool:
+        return self._expiration_requested
+
+    @property
+    def expiration_blocked(self) -> bool:
+        return self._expiration_blocked > 0
+
+    def request_expiration(self) -> None:
+        """Let the next cleanup pass discard the session once it has no connections."""
+        self._expiration_requested = True
+
+    def block_expiration(self) -> None:
+        self._expiration_blocked += 1
+
+    def unblock_expiration(self) -> None:
+        if self._expiration_blocked <= 0:
+            raise RuntimeError("mismatched block_expiration / unblock_expiration")
+        self._expiration_blocked -= 1
+
+    def subscribe(self, connection: Subscriber) -> None:
+        self._connections.add(connection)
+
+    def unsubscribe(self, connection: Subscriber) -> None:
+        self._connections.discard(connection)
+        self._last_unsubscribe = _now_ms()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if self._lock_owner is gevent.getcurrent():
+            raise RuntimeError(
+                f"Session {self._id}: the document lock is already held by this code;"
+                " call the function directly instead of through with_document_locked."
+            )
+        self.block_expiration()
+        try:
+            with self._lock:
+                self._lock_owner = gevent.getcurrent()
+                if self._pending is not None:
+                    raise RuntimeError(
+                        "internal class invariant violated: pending writes should be None"
+                        " when the lock is not held"
+                    )
+                self._pending = []
+                try:
+                    yield
+                finally:
+                    # Patches made before an exception still reach the clients
+                    # (Bokeh 3.9 drops them).
+                    pending, self._pending = self._pending, None
+                    self._lock_owner = None
+                    self._flush(pending)
+        finally:
+            self.unblock_expiration()
+
+    def with_document_locked(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``func(*args, **kwargs)`` with the document locked; return its result.
+
+        A coroutine result is awaited with the lock still held. Returns
+        ``None`` without calling ``func`` once the session is destroyed.
+        """
+        if self._destroyed:
+            log.debug("Session %s: ignoring locked call on a destroyed session", self._id)
+            return None
+        with self._locked():
+            return aio.resolve(func(*args, **kwargs))
+
+    def _flush(self, pending: list[tuple[DocumentPatchedEvent, Subscriber | None]]) -> None:
+        for event, skip in pending:
+            targets = [c for c in self._connections if c is not skip]
+            if not targets:
+                # Nobody to tell: a connection that subscribes later pulls
+                # the whole document, so there is nothing to serialize now.
+                continue
+            try:
+                frames = encode(protocol.create("PATCH-DOC", [event]))
+            except Exception:
+                log.exception("Session %s: could not serialize %r", self._id, event)
+                continue
+            # Serialized once for all connections, so each receives the full
+            # definition of any model the event introduces.
+            for connection in targets:
+                connection.send_frames(frames)
+
+    # Receivers of Document events (called by bokeh's on_change_dispatch_to).
+
+    def _document_patched(self, event: DocumentPatchedEvent) -> None:
+        if self._pending is None:
+            raise RuntimeError(
+                "_pending_writes should be non-None when we have a document lock, and we"
+                " should have the lock when the document changes. Change a served document"
+                " only from its callbacks, or from doc.add_next_tick_callback(...)."
+            )
+        skip = self._current_patch_connection if event.setter is self else None
+        self._pending.append((event, skip))
+
+    def _session_callback_added(self, event: Any) -> None:
+        self._scheduler.add(event.callback)
+
+    def _session_callback_removed(self, event: Any) -> None:
+        self._scheduler.remove(event.callback)
+
+    def _invoke_callback(self, callback: SessionCallback) -> None:
+        fn = callback.callback
+        nolock = getattr(fn, "nolock", False)
+        if self._destroyed:
+            return
+        doc = self._document
+        try:
+            with self._app_scope(), patch_curdoc(UnlockedDocumentProxy(doc) if nolock else doc):
+                if nolock:
+                    aio.resolve(fn())
+                else:
+                    self.with_document_locked(fn)
+        except gevent.GreenletExit:
+            raise
+        except Exception:
+            log.exception(
+                "Session %s: error in %s %s; the session goes on",
+                self._id, type(callback).__name__, describe_callback(callback),
+            )
+
+    # Message handlers; each returns the reply to send.
+
+    def handle_pull(self, message: Message[Any], connection: Subscriber) -> Message[Any]:
+        with self._locked():
+            return protocol.create("PULL-DOC-REPLY", message.header["msgid"], self._document)
+
+    def handle_push(self, message: Any, connection: Subscriber) -> Message[Any]:
+        with self._app_scope(), self._locked():
+            message.push_to_document(self._document)
+        return protocol.create("OK", message.header["msgid"])
+
+    def handle_patch(self, message: Any, connection: Subscriber) -> Message[Any]:
+        with self._app_scope(), self._locked():
+            self._current_patch_connection = connection
+            try:
+                message.apply_to_document(self._document, self)
+            finally:
+                self._current_patch_connection = None
+        return protocol.create("OK", message.header["msgid"])
+
+    def notify_connection_lost(self) -> None:
+        """Trigger the document's ``connection_lost`` event."""
+        if self._destroyed:
+            return
+        try:
+            with self._app_scope():
+                self.with_document_locked(
+                    lambda: self._document.callbacks.trigger_event(ConnectionLost())
+                )
+        except Exception:
+            log.exception("Session %s: error in a connection_lost callback", self._id)
+
+    def destroy(self) -> None:
+        """Stop all callbacks and release the document.
+
+        The caller runs ``on_session_destroyed`` hooks afterwards.
+        """
+        if self._destroyed:
+            return
+        self._destroyed = True
+        self._scheduler.close()
+        self._connections.clear()
+        self._document.destroy(self)

@@ -1,0 +1,182 @@
+"""Session ids, session tokens and origin checks, on top of ``bokeh.util.token``.
+
+BokehJS decodes the token itself, so its format is Bokeh's. Bokeh's helpers
+bind the secret key and signing flag when first imported; every call here
+passes them explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from bokeh.server.util import check_allowlist
+from bokeh.util.token import (
+    check_session_id_signature,
+    check_token_signature,
+    generate_jwt_token,
+    generate_session_id,
+    get_session_id,
+    get_token_payload,
+)
+
+from .config import TOKEN_SIZE_WARNING, Settings
+from .errors import TokenError
+
+log = logging.getLogger(__name__)
+
+
+def _select(items: Mapping[str, str], include: tuple[str, ...] | None,
+            exclude: tuple[str, ...] | None) -> dict[str, str]:
+    if exclude:
+        lowered = {e.lower() for e in exclude}
+        return {k: v for k, v in items.items() if k.lower() not in lowered}
+    if not include:
+        return {}
+    if "*" in include:
+        return dict(items)
+    lowered = {i.lower() for i in include}
+    return {k: v for k, v in items.items() if k.lower() in lowered}
+
+
+class TokenPolicy:
+    """Makes and checks session ids and tokens under one app's settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._secret = settings.secret_key_bytes
+        self._signed = settings.signed
+        self._warned_size = False
+
+    @property
+    def signed(self) -> bool:
+        return self._signed
+
+    def new_session_id(self) -> str:
+        return generate_session_id(secret_key=self._secret, signed=self._signed)
+
+    def check_session_id(self, session_id: str) -> None:
+        """Refuse an id a client brought that this server did not sign."""
+        if not session_id:
+            raise TokenError("The session id is empty.")
+        if not check_session_id_signature(session_id, secret_key=self._secret, signed=self._signed):
+            raise TokenError("Invalid token or session ID: the session id is not signed with this server's key.")
+
+    def make_token(
+        self,
+        session_id: str,
+        arguments: Mapping[str, list[bytes]],
+        headers: Mapping[str, str],
+        cookies: Mapping[str, str],
+        extra: Mapping[str, Any] | None = None,
+    ) -> str:
+        """A token for ``session_id`` carrying what another worker needs to rebuild the request.
+
+        Query arguments are always carried; headers and cookies only as the
+        include/exclude settings say.
+        """
+        s = self.settings
+        carried_cookies = _select(cookies, s.include_cookies, s.exclude_cookies)
+        carried_headers = _select(headers, s.include_headers, s.exclude_headers)
+        if carried_cookies and not any(
+            h.lower() == "cookie" for h in (s.include_headers or ())
+        ):
+            # The cookies travel on their own; a copy in the headers would double the size.
+            carried_headers = {k: v for k, v in carried_headers.items() if k.lower() != "cookie"}
+        payload: dict[str, Any] = {
+            "arguments": {k: list(v) for k, v in arguments.items()},
+            "headers": carried_headers,
+            "cookies": carried_cookies,
+        }
+        if extra:
+            payload.update(extra)
+        token = generate_jwt_token(
+            session_id,
+            secret_key=self._secret,
+            signed=self._signed,
+            expiration=s.session_token_expiration,
+            extra_payload=payload,
+        )
+        if len(token) > TOKEN_SIZE_WARNING and not self._warned_size:
+            self._warned_size = True
+            log.warning(
+                "Session tokens are %d bytes; proxies commonly refuse headers over 8 KB and"
+                " the token travels in one. Carry fewer headers/cookies"
+                " (DOCSYNC_INCLUDE_HEADERS / DOCSYNC_INCLUDE_COOKIES).", len(token),
+            )
+        return token
+
+    def decode(self, token: str) -> tuple[str, dict[str, Any]]:
+        """Check a token's form and signature; return its session id and payload.
+
+        Expiry is not checked here: see :meth:`check_expiry`.
+
+        :raises TokenError: naming what is wrong.
+        """
+        if not token:
+            raise TokenError("No session token was given (expected as the second WebSocket subprotocol).")
+        try:
+            session_id = get_session_id(token)
+            payload = get_token_payload(token)
+        except Exception:
+            raise TokenError("The session token is malformed.") from None
+        if not isinstance(payload, dict) or not session_id:
+            raise TokenError("The session token is malformed.")
+        try:
+            valid = check_token_signature(token, secret_key=self._secret, signed=self._signed)
+        except Exception:
+            valid = False
+        if not valid:
+            raise TokenError("Invalid token or session ID: the signature does not match this server's key.")
+        if "session_expiry" not in payload:
+            raise TokenError("The session token has no expiry.")
+        return session_id, payload
+
+    @staticmethod
+    def check_expiry(payload: Mapping[str, Any]) -> None:
+        """Refuse a token past its expiry; only checked when a session is created."""
+        try:
+            expiry = float(payload["session_expiry"])
+        except (KeyError, TypeError, ValueError):
+            raise TokenError("The session token has no valid expiry.") from None
+        if time.time() >= expiry:
+            raise TokenError(
+                "Token is expired. Reload the page for a new one, or raise"
+                " --session-token-expiration (DOCSYNC_SESSION_TOKEN_EXPIRATION)."
+            )
+
+
+def _netloc(scheme: str, netloc: str) -> str:
+    netloc = netloc.lower()
+    if ":" not in netloc.rsplit("]", 1)[-1]:
+        netloc += ":443" if scheme in ("https", "wss") else ":80"
+    return netloc
+
+
+def origin_allowed(origin: str | None, host: str | None, scheme: str,
+                   allowlist: tuple[str, ...]) -> bool:
+    """Whether a WebSocket from ``origin`` may connect.
+
+    A request without an Origin (non-browser clients such as
+    ``bokeh.client``) is allowed, as Bokeh does. A page of the serving host
+    itself (same origin) is always allowed; other origins must be on the
+    allowlist.
+    """
+    if not origin:
+        return True
+    parts = urlsplit(origin)
+    if not parts.netloc:
+        return False
+    if host and _netloc(parts.scheme, parts.netloc) == _netloc(scheme, host):
+        return True
+    if not allowlist:
+        return False
+    if "*" in allowlist:
+        return True
+    netloc = parts.netloc.lower()
+    if ":" not in netloc.rsplit("]", 1)[-1]:
+        netloc += ":80"  # what Bokeh assumes for an Origin without a port
+    return check_allowlist(netloc, list(allowlist))
