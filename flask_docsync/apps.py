@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 from bokeh.application import Application
-from bokeh.application.handlers.document_lifecycle import DocumentLifecycleHandler
 from bokeh.application.handlers.function import FunctionHandler
 from bokeh.command.util import build_single_handler_application
 
@@ -77,7 +76,4 @@ def build_application(target: AppTarget, argv: Sequence[str] = ()) -> Applicatio
             f"Cannot serve {target!r}: pass a modify_doc(doc) function, a bokeh Application,"
             " or the path of a script or app directory."
         )
-    if not any(isinstance(h, DocumentLifecycleHandler) for h in app.handlers):
-        # bokeh serve adds this so Document.on_session_destroyed callbacks run.
-        app.add(DocumentLifecycleHandler())
     return app

@@ -34,7 +34,7 @@ from markupsafe import escape
 from . import websocket
 from .apps import normalize_route
 from .context import RequestData
-from .errors import SessionError, TokenError, UnknownApplication
+from .errors import ConfigurationError, SessionError, TokenError, UnknownApplication
 from .tokens import origin_allowed
 
 if TYPE_CHECKING:
@@ -149,8 +149,16 @@ class _RequestForHooks:
 
 
 def _app_route(app_path: str) -> str:
-    route = normalize_route(app_path) if app_path else "/"
-    if route not in _server().contexts and not _server().has_route(route):
+    try:
+        route = normalize_route(app_path) if app_path else "/"
+    except ConfigurationError:
+        base, _, last = app_path.rstrip("/").rpartition("/")
+        if last == "ws" and _server().has_route(normalize_route(base) if base else "/"):
+            # A plain GET of the WebSocket URL lands on the page rule.
+            abort(Response("This URL takes a WebSocket connection (Upgrade: websocket).\n",
+                           status=400, mimetype="text/plain"))
+        abort(404)
+    if not _server().has_route(route):
         abort(404)
     return route
 

@@ -20,6 +20,7 @@ from bokeh.application.application import ServerContext as _BokehServerContext
 from bokeh.application.application import SessionContext as _BokehSessionContext
 from bokeh.application.handlers.code import CodeHandler
 from bokeh.application.handlers.directory import DirectoryHandler
+from bokeh.application.handlers.document_lifecycle import DocumentLifecycleHandler
 from bokeh.document import Document
 from bokeh.io.doc import patch_curdoc
 
@@ -128,6 +129,11 @@ class SessionContext(_BokehSessionContext):
         return self._destroyed
 
     @property
+    def document(self) -> Document | None:
+        """The session's document; ``None`` once the session is destroyed."""
+        return self._document
+
+    @property
     def session(self) -> ServerSession | None:
         """The session; ``None`` while ``on_session_created`` hooks run."""
         return self._session
@@ -173,6 +179,9 @@ class ApplicationContext:
         app_scope: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
         logout_url: str | None = None,
     ) -> None:
+        if not any(isinstance(h, DocumentLifecycleHandler) for h in application.handlers):
+            # As bokeh serve does, so Document.on_session_destroyed callbacks run.
+            application.add(DocumentLifecycleHandler())
         self.application = application
         self.url = url
         self.app_scope = app_scope or contextlib.nullcontext
@@ -329,9 +338,16 @@ class ApplicationContext:
                 count += 1
         return count
 
-    def destroy_all(self) -> None:
-        """Discard every session that has no connection left (server shutdown)."""
+    def destroy_all(self, force: bool = False) -> None:
+        """Discard every session that has no connection left (server shutdown).
+
+        :param force: Unsubscribe remaining connections first, so every
+            session goes (their sockets are the caller's to close).
+        """
         for session in self.sessions:
+            if force:
+                for connection in list(session._connections):
+                    session.unsubscribe(connection)
             try:
                 self.discard_session(session)
             except Exception:

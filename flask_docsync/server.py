@@ -128,10 +128,7 @@ class DocSyncServer:
         finally:
             deadline.close()
         for context in self.contexts.values():
-            for session in context.sessions:
-                for connection in list(session._connections):
-                    session.unsubscribe(connection)
-            context.destroy_all()
+            context.destroy_all(force=True)
             context.run_unload_hook()
         self._started = False
         self._stopping = False
