@@ -36,6 +36,7 @@ from .apps import normalize_route
 from .context import RequestData
 from .errors import ConfigurationError, SessionError, TokenError, UnknownApplication
 from .tokens import origin_allowed
+from .transport import WebSocketDone
 
 if TYPE_CHECKING:
     from .server import DocSyncServer
@@ -282,17 +283,6 @@ def index() -> Response:
     return Response(render_template("docsync/index.html", prefix=prefix, items=routes), mimetype="text/html")
 
 
-class _WebSocketDone(Response):
-    """Ends the WSGI request after a WebSocket finished, however the server needs it."""
-
-    def __init__(self, ws: Any) -> None:
-        super().__init__()
-        self._ws = ws
-
-    def __call__(self, environ: Any, start_response: Any) -> Any:  # type: ignore[override]
-        return self._ws.wsgi_response()
-
-
 def ws(app_path: str = "") -> Response:
     route = _app_route(app_path)
     server = _server()
@@ -333,7 +323,7 @@ def ws(app_path: str = "") -> Response:
         environ, subprotocol="bokeh", max_message_size=server.settings.websocket_max_message_size
     )
     server.serve_connection(conn, session)
-    return _WebSocketDone(conn)
+    return WebSocketDone(conn)
 
 
 def _refuse_ws(environ: Any, status: int, reason: str) -> Response:
@@ -343,14 +333,19 @@ def _refuse_ws(environ: Any, status: int, reason: str) -> Response:
         # left is a close frame with a policy code.
         conn = websocket.WebSocket.accept(environ)
         conn.close(1008 if status in (401, 403) else 1011, reason[:120])
-        return _WebSocketDone(conn)
+        return WebSocketDone(conn)
     return _refuse(status, reason)
 
 
-def make_blueprint(url_prefix: str) -> Blueprint:
-    """The ``docsync`` blueprint mounted at ``url_prefix``."""
+def make_blueprint(url_prefix: str, with_index: bool = True) -> Blueprint:
+    """The ``docsync`` blueprint mounted at ``url_prefix``.
+
+    :param with_index: Route the prefix root to the index (or to an app at
+        ``/``). Off when the host app owns ``/``.
+    """
     bp = Blueprint("docsync", __name__, template_folder=_TEMPLATE_FOLDER, url_prefix=url_prefix or None)
-    bp.add_url_rule("/", "index", index, strict_slashes=False)
+    if with_index:
+        bp.add_url_rule("/", "index", index, strict_slashes=False)
     bp.add_url_rule("/static/extensions/<path:filename>", "extension_static", extension_static)
     bp.add_url_rule("/static/<path:filename>", "bokehjs_static", bokehjs_static)
     bp.add_url_rule("/ws", "root_ws", ws, websocket=True)

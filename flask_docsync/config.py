@@ -100,8 +100,9 @@ class Settings:
     include_cookies: tuple[str, ...] | None = None
     exclude_cookies: tuple[str, ...] | None = None
     outbound_queue_size: int = DEFAULT_OUTBOUND_QUEUE_SIZE
-    #: Serve an index of apps at the prefix root.
-    index: bool = True
+    #: Serve an index of apps at the prefix root. ``None`` serves it unless
+    #: the prefix is empty, where ``/`` belongs to the host app.
+    index: bool | None = None
     #: A Jinja template file used for the index instead of the built-in one.
     index_template: str | None = None
     #: With a single app, redirect the index to it as Bokeh does.
@@ -164,7 +165,7 @@ class Settings:
             if values.get(name) is not None:
                 values[name] = parse_bool(values[name], "DOCSYNC_" + name.upper())
         for name in ("generate_session_ids", "index", "index_redirect"):
-            if name in values:
+            if values.get(name) is not None:
                 values[name] = parse_bool(values[name], "DOCSYNC_" + name.upper())
         for name in ("session_token_expiration", "keep_alive_ms", "check_unused_sessions_ms",
                      "unused_session_lifetime_ms", "outbound_queue_size"):
@@ -181,6 +182,8 @@ class Settings:
         prefix = prefix.strip("/")
         values["url_prefix"] = "/" + prefix if prefix else ""
 
+        if values.get("index") is None:
+            values["index"] = bool(values["url_prefix"])
         settings = cls(**values)
         settings._validate()
         return settings

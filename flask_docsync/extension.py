@@ -13,6 +13,7 @@ from .blueprint import make_blueprint
 from .config import Settings
 from .errors import ConfigurationError
 from .server import DocSyncServer
+from .transport import bokeh_app_protocol
 
 
 class DocSync:
@@ -60,7 +61,12 @@ class DocSync:
             known_routes=lambda: list(self._targets),
         )
         app.extensions["docsync"] = server
-        app.register_blueprint(make_blueprint(settings.url_prefix))
+        app.register_blueprint(make_blueprint(settings.url_prefix, settings.index or "/" in self._targets))
+        if not hasattr(app, "app_protocol"):
+            # Under gevent-websocket's handler (GeventWebSocketWorker) the
+            # handshake happens before Flask runs, and the subprotocol comes
+            # from this hook; without "bokeh" in the 101 browsers give up.
+            app.app_protocol = bokeh_app_protocol  # type: ignore[attr-defined]
         for route in list(self._targets):
             # Apps registered so far load now, so a broken script fails at
             # start-up instead of on the first page view.
