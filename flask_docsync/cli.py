@@ -211,9 +211,12 @@ def serve(options: argparse.Namespace) -> int:
     gevent.signal_handler(signal.SIGINT, _stop)
     stop.wait()
     log.info("Shutting down")
-    server.stop(timeout=1)
-    docsync_server.stop()
+    # Stop accepting first, then close WebSockets with 1001 (so browsers
+    # reconnect elsewhere) and run the destroy/unload hooks, then end the
+    # remaining HTTP requests.
     server.close()
+    docsync_server.stop()
+    server.stop(timeout=2)
     return 0
 
 

@@ -116,8 +116,9 @@ def serve() -> Iterator:
 
     def start(*args: str, env: dict[str, str] | None = None, port: int | None = None) -> RunningServer:
         port = port or free_port()
-        cmd = [sys.executable, "-m", "flask_docsync", "serve", *map(str, args),
-               "--port", str(port), "--address", "127.0.0.1"]
+        # Port and address first: a trailing --args takes everything after it.
+        cmd = [sys.executable, "-m", "flask_docsync", "serve", "--port", str(port),
+               "--address", "127.0.0.1", *map(str, args)]
         server = RunningServer(cmd, port, env=env)
         servers.append(server)
         return server

@@ -1,0 +1,113 @@
+"""`flask-docsync serve` as a command: startup, options, shutdown, packaging."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import APPS, ROOT, RunningServer, free_port
+from wire import WireClient, fetch_token
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("BOKEH_", "DOCSYNC_"))}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "flask_docsync", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=str(ROOT))
+
+
+def test_startup_lines_name_every_app(serve):
+    server = serve(APPS / "sliders.py", APPS / "shutdownapp", "--prefix", "/foo")
+    log = server.wait_for_log("shutdownapp")
+    assert f"Bokeh app running at: http://127.0.0.1:{server.port}/foo/sliders" in log
+    assert f"Bokeh app running at: http://127.0.0.1:{server.port}/foo/shutdownapp" in log
+    status, _, body = server.get("/foo/")
+    assert status == 200 and b"/foo/sliders" in body and b"/foo/shutdownapp" in body
+    assert server.get("/foo/sliders")[0] == 200
+    assert server.get("/favicon.ico")[0] == 200  # not prefixed, as in Bokeh
+
+
+def test_no_apps_serves_an_empty_document_at_root(serve):
+    server = serve()
+    status, _, body = server.get("/")
+    assert status == 200 and b"data-root-id" not in body and b"bokeh.min.js" in body
+    token = fetch_token(server.url + "/")
+    with WireClient(server.ws_url + "/ws", token) as client:
+        assert client.handshake().content["doc"]["roots"] == []
+
+
+def test_sigterm_closes_websockets_with_1001_and_runs_every_hook(serve, tmp_path):
+    record = tmp_path / "record.txt"
+    server = serve(APPS / "shutdownapp", env={"DOCSYNC_TEST_RECORD": str(record)})
+    token = fetch_token(server.url + "/shutdownapp")
+    client = WireClient(server.ws_url + "/shutdownapp/ws", token)
+    client.handshake()
+    server.proc.send_signal(signal.SIGTERM)
+    code, reason = client.expect_close()
+    client.close()
+    assert code == 1001, (code, reason)
+    assert server.proc.wait(timeout=20) == 0
+    lines = record.read_text().split("\n")
+    session_lines = [line for line in lines if line.startswith("session_")]
+    assert lines[0] == "server_loaded"
+    assert session_lines[0].startswith("session_created ")
+    assert session_lines[1] == "session_destroyed " + session_lines[0].split()[1]
+    assert "server_unloaded" in lines
+    assert "Traceback" not in server.log()
+
+
+def test_signed_sessions_without_a_secret_is_a_startup_error():
+    result = run_cli("serve", str(APPS / "sliders.py"), "--session-ids", "signed", "--port", str(free_port()))
+    assert result.returncode == 1
+    assert "DOCSYNC_SECRET_KEY" in result.stderr and "BOKEH_SECRET_KEY" in result.stderr
+
+
+def test_missing_app_path_is_a_startup_error():
+    result = run_cli("serve", "no/such/app.py", "--port", str(free_port()))
+    assert result.returncode == 1
+    assert "no/such/app.py" in result.stderr and "does not exist" in result.stderr
+
+
+def test_args_reach_the_script(serve, tmp_path):
+    script = tmp_path / "argv_app.py"
+    script.write_text(
+        "import sys\nfrom bokeh.io import curdoc\nfrom bokeh.models import Div\n"
+        "curdoc().add_root(Div(text='|'.join(sys.argv[1:]), name='argv'))\n"
+    )
+    server = serve(script, "--args", "--alpha", "2")
+    token = fetch_token(server.url + "/argv_app")
+    with WireClient(server.ws_url + "/argv_app/ws", token) as client:
+        doc = client.handshake().content["doc"]
+    assert "--alpha|2" in str(doc)
+
+
+@pytest.mark.timeout(300)
+def test_pip_install_gives_package_data_and_console_script(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    pip = venv / "bin" / "pip"
+    # Build from a copy so the working tree's egg-info does not leak in.
+    subprocess.run([str(pip), "install", "-q", "--no-deps", str(ROOT)],
+                   check=True, cwd=str(tmp_path), capture_output=True, timeout=240)
+    site = subprocess.run([str(venv / "bin" / "python"), "-c",
+                           "import flask_docsync, os; print(os.path.dirname(flask_docsync.__file__))"],
+                          check=True, capture_output=True, text=True, cwd=str(tmp_path)).stdout.strip()
+    assert Path(site, "templates", "docsync", "index.html").is_file()
+    assert not site.startswith(str(ROOT))
+    port = free_port()
+    env = {"PYTHONPATH": ""}
+    server = RunningServer([str(venv / "bin" / "flask-docsync"), "serve", str(APPS / "sliders.py"),
+                            str(APPS / "shutdownapp"), "--port", str(port), "--address", "127.0.0.1"],
+                           port, env=env)
+    try:
+        status, _, body = server.get("/")
+        assert status == 200 and b"/sliders" in body  # the index template shipped
+        assert server.get("/sliders")[0] == 200
+    finally:
+        server.stop()
