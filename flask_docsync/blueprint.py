@@ -103,8 +103,8 @@ def request_data(user: Any = None) -> RequestData:
     )
 
 
-def _refuse(status: int, reason: str) -> Response:
-    return Response(str(escape(reason)) + "\n", status=status, mimetype="text/plain")
+def _refuse(status: int, reason: str, headers: Any = None) -> Response:
+    return Response(str(escape(reason)) + "\n", status=status, mimetype="text/plain", headers=headers)
 
 
 def _session_for_http(route: str):
@@ -292,7 +292,7 @@ def ws(app_path: str = "") -> Response:
     try:
         websocket.validate_upgrade(environ)
     except websocket.HandshakeError as exc:
-        return _refuse(exc.status, exc.reason)
+        return _refuse(exc.status, exc.reason, exc.headers)
     origin = request.headers.get("Origin") or request.headers.get("Sec-WebSocket-Origin")
     allowlist = server.settings.allow_websocket_origin
     if not origin_allowed(origin, request.host, request.scheme, allowlist):

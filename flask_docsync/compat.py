@@ -10,6 +10,7 @@ own context), leaving 3.10 untouched.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import weakref
 from collections.abc import Iterator
@@ -59,9 +60,33 @@ def install() -> None:
     """Make ``curdoc()`` per greenlet. Safe to call more than once."""
     current = getattr(_bokeh_io_doc, "_PATCHED_CURDOCS", None)
     if isinstance(current, list):
-        if current:
-            raise RuntimeError(
-                "curdoc() is patched while flask-docsync starts; start the"
-                " server outside any bokeh callback."
-            )
         _bokeh_io_doc._PATCHED_CURDOCS = _ContextCurdocStack()
+        # Entries pushed before (e.g. at import time) stay visible to the
+        # greenlet that pushed them.
+        _stack.set(_stack.get() + tuple(current))
+
+
+@contextlib.contextmanager
+def curdoc_guard() -> Iterator[None]:
+    """Restore this greenlet's curdoc stack on exit.
+
+    Bokeh 3.9's ``patch_curdoc`` pops only when the body returns normally,
+    so a callback that raises would leave its document on the stack of a
+    long-lived greenlet (a connection's reader, a worker's request loop).
+    Bokeh 3.10 restores it itself; there this does nothing.
+    """
+    if not isinstance(_bokeh_io_doc._PATCHED_CURDOCS, _ContextCurdocStack):
+        yield
+        return
+    saved = _stack.get()
+    try:
+        yield
+    finally:
+        _stack.set(saved)
+
+
+@contextlib.contextmanager
+def curdoc_as(doc: Any) -> Iterator[None]:
+    """``patch_curdoc(doc)`` that also undoes itself when the body raises."""
+    with curdoc_guard(), _bokeh_io_doc.patch_curdoc(doc):
+        yield

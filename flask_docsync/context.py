@@ -22,9 +22,8 @@ from bokeh.application.handlers.code import CodeHandler
 from bokeh.application.handlers.directory import DirectoryHandler
 from bokeh.application.handlers.document_lifecycle import DocumentLifecycleHandler
 from bokeh.document import Document
-from bokeh.io.doc import patch_curdoc
 
-from . import aio
+from . import aio, compat
 from .errors import SessionError
 from .session import ServerSession
 
@@ -179,6 +178,7 @@ class ApplicationContext:
         app_scope: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
         logout_url: str | None = None,
     ) -> None:
+        compat.install()
         if not any(isinstance(h, DocumentLifecycleHandler) for h in application.handlers):
             # As bokeh serve does, so Document.on_session_destroyed callbacks run.
             application.add(DocumentLifecycleHandler())
@@ -265,7 +265,7 @@ class ApplicationContext:
             with self.app_scope():
                 self._run_session_hooks("on_session_created", context)
                 lock = self._script_lock or contextlib.nullcontext()
-                with lock, patch_curdoc(doc):
+                with lock, compat.curdoc_as(doc):
                     # Bokeh's FunctionHandler does not patch curdoc; this does.
                     self.application.initialize_document(doc)
         except Exception:

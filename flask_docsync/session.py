@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
 
@@ -16,9 +17,8 @@ import gevent
 import gevent.lock
 from bokeh.document.locking import UnlockedDocumentProxy
 from bokeh.events import ConnectionLost
-from bokeh.io.doc import patch_curdoc
 
-from . import aio
+from . import aio, compat
 from .protocol import encode, protocol
 from .scheduler import CallbackScheduler
 
@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 
 class Subscriber(TypingProtocol):
     def send_frames(self, frames: list[str | bytes]) -> None: ...
+
+
+_live: weakref.WeakSet[ServerSession] = weakref.WeakSet()
+
+
+def live_sessions() -> list[ServerSession]:
+    """Sessions of this process that are not destroyed (for stats and leak checks)."""
+    return [s for s in list(_live) if not s.destroyed]
 
 
 def _now_ms() -> float:
@@ -83,6 +91,7 @@ class ServerSession:
         self._expiration_requested = False
         self._expiration_blocked = 0
         self._scheduler = CallbackScheduler(self._invoke_callback, session_id)
+        _live.add(self)
         document.callbacks.on_change_dispatch_to(self)
         for callback in document.session_callbacks:
             self._scheduler.add(callback)
@@ -154,7 +163,7 @@ class ServerSession:
             )
         self.block_expiration()
         try:
-            with self._lock:
+            with self._lock, compat.curdoc_guard():
                 self._lock_owner = gevent.getcurrent()
                 if self._pending is not None:
                     raise RuntimeError(
@@ -227,7 +236,7 @@ class ServerSession:
             return
         doc = self._document
         try:
-            with self._app_scope(), patch_curdoc(UnlockedDocumentProxy(doc) if nolock else doc):
+            with self._app_scope(), compat.curdoc_as(UnlockedDocumentProxy(doc) if nolock else doc):
                 if nolock:
                     aio.resolve(fn())
                 else:

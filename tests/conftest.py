@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import socket
@@ -131,13 +130,9 @@ def serve() -> Iterator:
 @pytest.fixture(autouse=True)
 def session_leak_detector() -> Iterator[None]:
     """Fail a test that leaves in-process sessions alive (not destroyed)."""
-    from flask_docsync.session import ServerSession
+    from flask_docsync.session import live_sessions
 
-    def live() -> list[ServerSession]:
-        gc.collect()
-        return [o for o in gc.get_objects() if isinstance(o, ServerSession) and not o.destroyed]
-
-    before = {id(s) for s in live()}
+    before = {id(s) for s in live_sessions()}
     yield
-    leaked = [s for s in live() if id(s) not in before]
+    leaked = [s for s in live_sessions() if id(s) not in before]
     assert not leaked, f"test left {len(leaked)} live session(s): {leaked}"

@@ -330,3 +330,47 @@ def test_discard_runs_destroy_hooks_and_destroys_document(contexts):
     assert context.cleanup_unused_sessions(10_000) == 1
     assert destroyed == ["gone"] and session.destroyed and session.callback_count == 0
     assert context.get_session("gone") is None
+
+
+def test_raising_callback_leaves_no_curdoc_behind(contexts):
+    from bokeh.io import doc as io_doc
+
+    def app(doc):
+        slider = Slider(start=0, end=10, value=1, name="s")
+        slider.on_change("value", lambda a, o, n: 1 / 0)
+        doc.add_root(slider)
+
+    context = make_context(app)
+    contexts.append(context)
+    session = new_session(context)
+    slider = session.document.select_one({"name": "s"})
+    msg = protocol.assemble(
+        json.dumps({"msgid": "m1", "msgtype": "PATCH-DOC"}), "{}",
+        json.dumps({"events": [{"kind": "ModelChanged", "model": {"id": slider.id}, "attr": "value", "new": 5}]}),
+    )
+    depth = len(io_doc._PATCHED_CURDOCS)
+    with pytest.raises(ZeroDivisionError):
+        session.handle_patch(msg, Recorder())
+    assert len(io_doc._PATCHED_CURDOCS) == depth
+
+
+def test_curdoc_is_per_greenlet(contexts):
+    from bokeh.io import curdoc
+
+    results: list[bool] = []
+
+    def app(doc):
+        def check():
+            first = curdoc()
+            gevent.sleep(0.005)
+            results.append(first is doc and curdoc() is doc)
+
+        doc.add_periodic_callback(check, 5)
+        doc.add_root(Div())
+
+    context = make_context(app)
+    contexts.append(context)
+    for i in range(3):
+        new_session(context, f"s{i}")
+    gevent.sleep(0.2)
+    assert len(results) > 10 and all(results)

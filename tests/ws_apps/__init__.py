@@ -1,0 +1,1 @@
+"""Helper WSGI apps, server launchers and a raw client for test_websocket."""
