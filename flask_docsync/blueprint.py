@@ -18,6 +18,7 @@ import functools
 import hashlib
 import logging
 import os
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -30,6 +31,7 @@ from bokeh.resources import Resources
 from bokeh.settings import settings as bokeh_settings
 from flask import Blueprint, Response, abort, current_app, jsonify, redirect, render_template, request, send_from_directory
 from markupsafe import escape
+from werkzeug.wrappers import Response as BaseResponse
 
 from . import websocket
 from .apps import normalize_route
@@ -99,6 +101,7 @@ def request_data(user: Any = None) -> RequestData:
         host=request.host,
         protocol=request.scheme,
         remote_ip=request.remote_addr,
+        script_root=request.script_root,
         user=user,
     )
 
@@ -107,7 +110,27 @@ def _refuse(status: int, reason: str, headers: Any = None) -> Response:
     return Response(str(escape(reason)) + "\n", status=status, mimetype="text/plain", headers=headers)
 
 
-def _session_for_http(route: str):
+def authorize(route: str) -> tuple[Any, Response | None]:
+    """Run the host app's ``authorize(route)`` hook for the current request.
+
+    :return: ``(user, None)`` when allowed (``user`` is what the hook
+        returned, ``None`` without a hook), or ``(None, response)`` with the
+        refusal to send: the hook's own response (e.g. a redirect to the
+        login page), or 403.
+    """
+    hook = _server().authorize
+    if hook is None:
+        return None, None
+    result = hook(route)
+    if isinstance(result, BaseResponse):
+        return None, result
+    if not result:
+        log.info("Refused %s %s: not authorized", request.method, request.path)
+        return None, _refuse(403, "You are not allowed to use this document.")
+    return result, None
+
+
+def _session_for_http(route: str, user: Any = None):
     """Create or join the session of a page or autoload.js request (Bokeh's rules)."""
     server = _server()
     context = server.get_context(route)
@@ -117,7 +140,7 @@ def _session_for_http(route: str):
     if arg_id is not None and header_id is not None:
         raise SessionError(403, "session ID was provided as an argument and header")
     session_id = arg_id if arg_id is not None else header_id
-    data = request_data()
+    data = request_data(user)
     if token is not None:
         if session_id is not None:
             raise SessionError(403, "Both token and session ID were provided")
@@ -128,25 +151,11 @@ def _session_for_http(route: str):
             server.start()
             session = context.create_session_if_needed(session_id, data, token, payload)
         return session, token
-    extra = context.application.process_request(_RequestForHooks(data)) or None
+    # Application.process_request hooks get the request data (arguments,
+    # cookies, headers, ...), the parts of Tornado's request they use.
+    extra = context.application.process_request(data) or None
     session = server.create_session(route, data, session_id, extra)
     return session, session.token
-
-
-class _RequestForHooks:
-    # ``Application.process_request`` hooks were written for Tornado's
-    # request; this offers the parts they use.
-    def __init__(self, data: RequestData) -> None:
-        self.arguments = data.arguments
-        self.cookies = data.cookies
-        self.headers = data.headers
-        self.path = data.path
-        self.uri = data.uri
-        self.host = data.host
-        self.protocol = data.protocol
-        self.remote_ip = data.remote_ip
-        self.method = data.method
-        self.query = data.query
 
 
 def _app_route(app_path: str) -> str:
@@ -175,8 +184,11 @@ def _error_response(exc: Exception) -> Response:
 
 def page(app_path: str = "") -> Response:
     route = _app_route(app_path)
+    user, refusal = authorize(route)
+    if refusal is not None:
+        return refusal
     try:
-        session, _ = _session_for_http(route)
+        session, _ = _session_for_http(route, user)
     except (SessionError, UnknownApplication) as exc:
         return _error_response(exc)
     doc = session.document
@@ -213,8 +225,11 @@ def autoload_js(app_path: str = "") -> Response:
     if absolute_url:
         parsed = urlparse(absolute_url)
         server_url = f"{parsed.scheme}://{parsed.netloc}"
+    user, refusal = authorize(route)
+    if refusal is not None:
+        return refusal
     try:
-        session, token = _session_for_http(route)
+        session, token = _session_for_http(route, user)
     except (SessionError, UnknownApplication) as exc:
         return _error_response(exc)
     res = resources(server_url) if request.args.get("resources", "default") != "none" else None
@@ -235,6 +250,9 @@ def autoload_js(app_path: str = "") -> Response:
 
 def metadata(app_path: str = "") -> Response:
     route = _app_route(app_path)
+    _, refusal = authorize(route)
+    if refusal is not None:
+        return refusal
     context = _server().get_context(route)
     data = context.application.metadata
     if callable(data):
@@ -302,6 +320,11 @@ def ws(app_path: str = "") -> Response:
             " Add it with --allow-websocket-origin or DOCSYNC_ALLOW_WEBSOCKET_ORIGIN."
         )
         return _refuse_ws(environ, 403, reason)
+    user, refusal = authorize(route)
+    if refusal is not None:
+        # Before the upgrade, so the browser sees a status, never a silent close.
+        status = refusal.status_code if 400 <= refusal.status_code < 500 else 401
+        return _refuse_ws(environ, status, "Not authorized to open this document's WebSocket.")
     protocols = websocket.requested_subprotocols(environ)
     if len(protocols) != 2 or protocols[0] != "bokeh":
         return _refuse_ws(
@@ -309,7 +332,7 @@ def ws(app_path: str = "") -> Response:
             "Expected the subprotocols 'bokeh' and a session token (new WebSocket(url, ['bokeh', token])).",
         )
     try:
-        session = server.session_for_token(route, protocols[1], request_data())
+        session = server.session_for_token(route, protocols[1], request_data(user))
     except TokenError as exc:
         return _refuse_ws(environ, exc.status, exc.reason)
     except SessionError as exc:
@@ -337,23 +360,34 @@ def _refuse_ws(environ: Any, status: int, reason: str) -> Response:
     return _refuse(status, reason)
 
 
-def make_blueprint(url_prefix: str, with_index: bool = True) -> Blueprint:
+def make_blueprint(
+    url_prefix: str, with_index: bool = True, decorators: Sequence[Callable[..., Any]] = ()
+) -> Blueprint:
     """The ``docsync`` blueprint mounted at ``url_prefix``.
 
     :param with_index: Route the prefix root to the index (or to an app at
         ``/``). Off when the host app owns ``/``.
+    :param decorators: View decorators of the host app (e.g. Flask-Login's
+        ``login_required``) wrapped around every view that reaches a
+        document: page, autoload.js, metadata and the WebSocket.
     """
+
+    def guarded(view: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(list(decorators)):
+            view = decorator(view)
+        return view
+
     bp = Blueprint("docsync", __name__, template_folder=_TEMPLATE_FOLDER, url_prefix=url_prefix or None)
     if with_index:
-        bp.add_url_rule("/", "index", index, strict_slashes=False)
+        bp.add_url_rule("/", "index", guarded(index), strict_slashes=False)
     bp.add_url_rule("/static/extensions/<path:filename>", "extension_static", extension_static)
     bp.add_url_rule("/static/<path:filename>", "bokehjs_static", bokehjs_static)
-    bp.add_url_rule("/ws", "root_ws", ws, websocket=True)
-    bp.add_url_rule("/autoload.js", "root_autoload_js", autoload_js, methods=["GET", "OPTIONS"])
-    bp.add_url_rule("/metadata", "root_metadata", metadata)
-    bp.add_url_rule("/<path:app_path>/ws", "ws", ws, websocket=True)
-    bp.add_url_rule("/<path:app_path>/autoload.js", "autoload_js", autoload_js, methods=["GET", "OPTIONS"])
-    bp.add_url_rule("/<path:app_path>/metadata", "metadata", metadata)
+    bp.add_url_rule("/ws", "root_ws", guarded(ws), websocket=True)
+    bp.add_url_rule("/autoload.js", "root_autoload_js", guarded(autoload_js), methods=["GET", "OPTIONS"])
+    bp.add_url_rule("/metadata", "root_metadata", guarded(metadata))
+    bp.add_url_rule("/<path:app_path>/ws", "ws", guarded(ws), websocket=True)
+    bp.add_url_rule("/<path:app_path>/autoload.js", "autoload_js", guarded(autoload_js), methods=["GET", "OPTIONS"])
+    bp.add_url_rule("/<path:app_path>/metadata", "metadata", guarded(metadata))
     bp.add_url_rule("/<path:app_path>/static/<path:filename>", "app_static", app_static)
-    bp.add_url_rule("/<path:app_path>/", "page", page, strict_slashes=False)
+    bp.add_url_rule("/<path:app_path>/", "page", guarded(page), strict_slashes=False)
     return bp

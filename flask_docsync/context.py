@@ -54,6 +54,8 @@ class RequestData:
     host: str = ""
     protocol: str = "http"
     remote_ip: str | None = None
+    #: Where the app is mounted (WSGI ``SCRIPT_NAME``), for building URLs.
+    script_root: str = ""
     user: Any = None
 
 
@@ -157,6 +159,10 @@ class SessionContext(_BokehSessionContext):
         return self._session.with_document_locked(func, self._session.document)
 
 
+def _no_scope(request: RequestData | None) -> contextlib.AbstractContextManager[Any]:
+    return contextlib.nullcontext()
+
+
 def _needs_script_lock(application: Application) -> bool:
     return any(isinstance(h, (CodeHandler, DirectoryHandler)) for h in application.handlers)
 
@@ -166,8 +172,10 @@ class ApplicationContext:
 
     :param application: The Bokeh ``Application``.
     :param url: The route, e.g. ``"/sliders"``.
-    :param app_scope: Returns a context manager entered around app code
-        (hooks, document creation, callbacks): the Flask app context.
+    :param app_scope: ``app_scope(request)`` returns a context manager
+        entered around app code (hooks, document creation, callbacks): the
+        Flask app context, set up for the session's request; ``request`` is
+        ``None`` for server-wide hooks.
     :param logout_url: Exposed as ``session_context.logout_url``.
     """
 
@@ -175,7 +183,7 @@ class ApplicationContext:
         self,
         application: Application,
         url: str,
-        app_scope: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+        app_scope: Callable[[RequestData | None], contextlib.AbstractContextManager[Any]] | None = None,
         logout_url: str | None = None,
     ) -> None:
         compat.install()
@@ -184,7 +192,7 @@ class ApplicationContext:
             application.add(DocumentLifecycleHandler())
         self.application = application
         self.url = url
-        self.app_scope = app_scope or contextlib.nullcontext
+        self.app_scope = app_scope or _no_scope
         self.logout_url = logout_url
         self.server_context = ServerContext(self)
         self._sessions: dict[str, ServerSession] = {}
@@ -207,7 +215,7 @@ class ApplicationContext:
             return
         self._loaded = True
         try:
-            with self.app_scope():
+            with self.app_scope(None):
                 self.application.on_server_loaded(self.server_context)
         except Exception:
             log.exception("App %s: error in on_server_loaded", self.url)
@@ -217,7 +225,7 @@ class ApplicationContext:
             return
         self._loaded = False
         try:
-            with self.app_scope():
+            with self.app_scope(None):
                 self.application.on_server_unloaded(self.server_context)
         except Exception:
             log.exception("App %s: error in on_server_unloaded", self.url)
@@ -261,8 +269,12 @@ class ApplicationContext:
             self.server_context, session_id, request, token_payload, doc, self.logout_url
         )
         doc._session_context = weakref.ref(context)
+
+        def scope() -> contextlib.AbstractContextManager[Any]:
+            return self.app_scope(request)
+
         try:
-            with self.app_scope():
+            with scope():
                 self._run_session_hooks("on_session_created", context)
                 lock = self._script_lock or contextlib.nullcontext()
                 with lock, compat.curdoc_as(doc):
@@ -278,7 +290,7 @@ class ApplicationContext:
                     "App %s: session %s got an incomplete document: %s %s",
                     self.url, session_id, handler.error, handler.error_detail,
                 )
-        session = ServerSession(session_id, doc, token, self.app_scope)
+        session = ServerSession(session_id, doc, token, scope, route=self.url)
         context._session = session
         self.server_context._session_contexts[session_id] = context
         return session
@@ -312,7 +324,7 @@ class ApplicationContext:
         context = self.server_context._session_contexts.pop(session.id, None)
         if context is not None:
             context._destroyed = True
-            with self.app_scope():
+            with self.app_scope(context.request._data):
                 self._run_session_hooks("on_session_destroyed", context)
             context._document = None
             context._session = None

@@ -6,13 +6,20 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from flask import Flask, current_app
+import functools
+from collections.abc import Mapping
+
+from flask import Flask, current_app, request
 
 from .apps import AppTarget, build_application, normalize_route
 from .blueprint import make_blueprint
 from .config import Settings
 from .errors import ConfigurationError
+from . import embed
+from .context import RequestData
+from .errors import SessionError
 from .server import DocSyncServer
+from .session import ServerSession
 from .transport import bokeh_app_protocol
 
 
@@ -33,14 +40,31 @@ class DocSync:
     sessions in ``app.extensions["docsync"]``.
 
     :param app: Bind to this app at once (same as calling :meth:`init_app`).
+    :param authorize: ``authorize(route)``, called in the request context of
+        every page, ``autoload.js``, metadata and WebSocket request (before
+        the upgrade) and of :meth:`create_session`. Return the user (any
+        truthy value; apps see it as ``session_context.request.user``) to
+        allow, a falsy value to refuse with 403, or a response (e.g. a
+        redirect to the login page) to send instead. ``None`` allows all.
+    :param decorators: View decorators wrapped around the same views, e.g.
+        ``[login_required]``.
     :param options: Defaults for the :class:`~flask_docsync.config.Settings`
         fields (``url_prefix``, ``allow_websocket_origin``, ``keep_alive_ms``,
         ...). A ``DOCSYNC_<NAME>`` key in an app's config wins over the
         option of the same name.
     """
 
-    def __init__(self, app: Flask | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        app: Flask | None = None,
+        *,
+        authorize: Callable[[str], Any] | None = None,
+        decorators: Sequence[Callable[..., Any]] = (),
+        **options: Any,
+    ) -> None:
         self._options = options
+        self._authorize = authorize
+        self._decorators = tuple(decorators)
         self._targets: dict[str, tuple[AppTarget, tuple[str, ...]]] = {}
         if app is not None:
             self.init_app(app)
@@ -56,12 +80,18 @@ class DocSync:
         settings = Settings.load(app.config, self._options)
         server = DocSyncServer(
             settings,
-            app_scope=app.app_context,
+            app_scope=functools.partial(_app_scope, app),
             resolver=self._resolve,
             known_routes=lambda: list(self._targets),
         )
+        server.authorize = self._authorize
         app.extensions["docsync"] = server
-        app.register_blueprint(make_blueprint(settings.url_prefix, settings.index or "/" in self._targets))
+        app.register_blueprint(
+            make_blueprint(settings.url_prefix, settings.index or "/" in self._targets, self._decorators)
+        )
+        app.add_template_global(embed.docsync_resources, "docsync_resources")
+        app.add_template_global(embed.docsync_document, "docsync_document")
+        app.add_template_global(embed.docsync_session, "docsync_session")
         if not hasattr(app, "app_protocol"):
             # Under gevent-websocket's handler (GeventWebSocketWorker) the
             # handshake happens before Flask runs, and the subprotocol comes
@@ -114,6 +144,22 @@ class DocSync:
 
         return decorator
 
+    def create_session(self, route: str, arguments: Mapping[str, Any] | None = None) -> ServerSession:
+        """Create a session of ``route`` for the current request, in-process.
+
+        The view may read or change the document before the page renders
+        (``with session.locked() as doc: ...``), then embed it with
+        ``{{ docsync_session(session) }}`` — what ``pull_session`` plus
+        ``server_session()`` do with a second server, without one.
+
+        :param arguments: The app's ``session_context.request.arguments``;
+            string values are encoded, lists kept. ``None`` gives none.
+        :raises SessionError: 403 (or the hook's status) when the
+            ``authorize`` hook refuses; no session or token is made.
+        :raises UnknownApplication: listing the registered routes.
+        """
+        return create_session(route, arguments)
+
     @property
     def routes(self) -> list[str]:
         return sorted(self._targets)
@@ -126,3 +172,44 @@ class DocSync:
             return target.extensions["docsync"]
         except KeyError:
             raise ConfigurationError("DocSync is not initialized on this app; call docsync.init_app(app).") from None
+
+
+def _app_scope(app: Flask, data: RequestData | None) -> Any:
+    """The Flask app context app code runs in.
+
+    It carries a URL adapter bound to the request that created the session,
+    so ``url_for`` works in callbacks (also ``_external=True``) without the
+    cost of a whole request context per callback.
+    """
+    ctx = app.app_context()
+    if data is not None and data.host:
+        ctx.url_adapter = app.url_map.bind(
+            data.host, script_name=data.script_root or "/", url_scheme=data.protocol
+        )
+    return ctx
+
+
+def _encode_arguments(arguments: Mapping[str, Any]) -> dict[str, list[bytes]]:
+    out: dict[str, list[bytes]] = {}
+    for key, value in arguments.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        out[str(key)] = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in values]
+    return out
+
+
+def create_session(route: str, arguments: Mapping[str, Any] | None = None) -> ServerSession:
+    """:meth:`DocSync.create_session` for the current app and request."""
+    from .blueprint import authorize, request_data
+
+    if not request:
+        raise RuntimeError("create_session needs a request context: call it from a view.")
+    server: DocSyncServer = current_app.extensions["docsync"]
+    route = normalize_route(route)
+    context = server.get_context(route)
+    user, refusal = authorize(route)
+    if refusal is not None:
+        raise SessionError(refusal.status_code, "not authorized")
+    data = request_data(user)
+    data.arguments = _encode_arguments(arguments or {})
+    extra = context.application.process_request(data) or None
+    return server.create_session(route, data, None, extra)

@@ -34,14 +34,15 @@ class DocSyncServer:
     never spawns anything.
 
     :param settings: The frozen settings.
-    :param app_scope: Returns a context manager entered around app code
-        (the Flask app context).
+    :param app_scope: ``app_scope(request)`` returns a context manager
+        entered around app code (the Flask app context); see
+        :class:`~flask_docsync.context.ApplicationContext`.
     """
 
     def __init__(
         self,
         settings: Settings,
-        app_scope: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+        app_scope: Callable[[RequestData | None], contextlib.AbstractContextManager[Any]] | None = None,
         resolver: Callable[[str], Any] | None = None,
         known_routes: Callable[[], list[str]] | None = None,
     ) -> None:
@@ -50,7 +51,9 @@ class DocSyncServer:
         self._known_routes = known_routes
         self.settings = settings
         self.tokens = TokenPolicy(settings)
-        self.app_scope = app_scope or contextlib.nullcontext
+        self.app_scope = app_scope
+        #: ``authorize(route)`` from the adapter: the user, or a refusal.
+        self.authorize: Callable[[str], Any] | None = None
         self.contexts: dict[str, ApplicationContext] = {}
         self.connections: set[ServerConnection] = set()
         self._greenlets: list[gevent.Greenlet] = []
@@ -196,6 +199,7 @@ class DocSyncServer:
             host=live_request.host,
             protocol=live_request.protocol,
             remote_ip=live_request.remote_ip,
+            script_root=live_request.script_root,
             user=live_request.user,
         )
         self.start()

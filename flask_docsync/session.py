@@ -68,6 +68,7 @@ class ServerSession:
         page that embeds the session.
     :param app_scope: Returns a context manager entered around every
         callback (the Flask app context); ``None`` enters nothing.
+    :param route: The app's route, kept for embedding.
     """
 
     def __init__(
@@ -76,7 +77,10 @@ class ServerSession:
         document: Document,
         token: str,
         app_scope: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+        route: str | None = None,
     ) -> None:
+        #: The route of the app the session belongs to, e.g. ``"/sliders"``.
+        self.route = route
         self._id = session_id
         self._token = token
         self._document = document
@@ -181,6 +185,15 @@ class ServerSession:
                     self._flush(pending)
         finally:
             self.unblock_expiration()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[Document]:
+        """``with session.locked() as doc:`` change the document from a view.
+
+        Changes are sent to connected clients when the block ends.
+        """
+        with self._app_scope(), self._locked():
+            yield self._document
 
     def with_document_locked(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``func(*args, **kwargs)`` with the document locked; return its result.

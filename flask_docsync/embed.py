@@ -1,0 +1,81 @@
+"""Jinja helpers that put live documents into the host app's own templates.
+
+Registered as template globals by :meth:`DocSync.init_app
+<flask_docsync.DocSync.init_app>`::
+
+    {{ docsync_resources() }}
+    <div class="card">{{ docsync_document("/sliders", arguments={"ticker": "AAPL"}) }}</div>
+
+The session is created in-process while the page renders, so there is no
+extra HTTP round trip, no second origin and no CORS. Markup comes from the
+overridable templates ``docsync/resources.html``, ``docsync/embed.html``
+and ``docsync/refused.html``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from bokeh.embed.elements import script_for_render_items
+from bokeh.embed.util import RenderItem
+from flask import current_app, render_template, request
+from markupsafe import Markup
+
+from .errors import SessionError
+
+if TYPE_CHECKING:
+    from .session import ServerSession
+
+
+def docsync_resources() -> Markup:
+    """Script tags loading BokehJS from this app (never a CDN); once per page."""
+    from .blueprint import resources
+
+    return Markup(render_template("docsync/resources.html", js=Markup(resources().render_js())))
+
+
+def docsync_document(route: str, arguments: dict[str, Any] | None = None) -> Markup:
+    """Create a session of the app at ``route`` for this request and embed it.
+
+    :param route: A registered app route, e.g. ``"/sliders"``.
+    :param arguments: Seen by the app as ``session_context.request.arguments``
+        (each value a list of bytes, as with ``bokeh serve``). ``None`` gives
+        the app no arguments.
+    :raises UnknownApplication: when nothing is registered at ``route``;
+        the message lists what is.
+
+    A user the ``authorize`` hook refuses gets ``docsync/refused.html``
+    (an empty placeholder) and no session or token.
+    """
+    from .extension import create_session
+
+    try:
+        session = create_session(route, arguments)
+    except SessionError as exc:
+        if exc.status in (401, 403):
+            return Markup(render_template("docsync/refused.html", route=route, reason=exc.reason))
+        raise
+    return docsync_session(session)
+
+
+def docsync_session(session: ServerSession, route: str | None = None) -> Markup:
+    """Embed a session the view created with ``docsync.create_session``.
+
+    :param route: The app's route; ``None`` reads it from the session.
+    """
+    server = current_app.extensions["docsync"]
+    route = route or getattr(session, "route", None)
+    if route is None:
+        raise ValueError("Pass route= for a session that does not know its app route.")
+    element_id = "docsync-" + uuid.uuid4().hex
+    app_path = request.script_root + server.settings.url_prefix + (route if route != "/" else "")
+    script = script_for_render_items(
+        {},
+        [RenderItem(token=session.token, elementid=element_id, use_for_title=False)],
+        app_path=app_path or "/",
+        absolute_url=request.host_url,
+    )
+    return Markup(render_template(
+        "docsync/embed.html", element_id=element_id, route=route, script=Markup(script),
+    ))
