@@ -13,6 +13,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import gevent
 import gevent.event
 import gevent.lock
 from bokeh.application import Application
@@ -348,6 +349,9 @@ class ApplicationContext:
         for session in [s for s in self.sessions if unused(s)]:
             if self.discard_session(session, lambda s=session: unused_after_lock(s)):
                 count += 1
+            # One session at a time: a sweep of many sessions must not hold
+            # the event loop for all of them at once.
+            gevent.sleep(0)
         return count
 
     def destroy_all(self, force: bool = False) -> None:

@@ -304,4 +304,4 @@ class ServerSession:
         self._destroyed = True
         self._scheduler.close()
         self._connections.clear()
-        self._document.destroy(self)
+        compat.destroy_document(self._document, self)

@@ -374,3 +374,30 @@ def test_curdoc_is_per_greenlet(contexts):
         new_session(context, f"s{i}")
     gevent.sleep(0.2)
     assert len(results) > 10 and all(results)
+
+
+def test_discard_does_not_run_a_full_gc_per_session_and_frees_models(contexts, monkeypatch):
+    import gc
+    import weakref
+
+    refs = []
+
+    def app(doc):
+        div = Div(text="x")
+        refs.append(weakref.ref(div))
+        doc.add_root(div)
+
+    context = make_context(app)
+    contexts.append(context)
+    sessions = [new_session(context, f"g{i}") for i in range(5)]
+    calls = []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append(a) or 0)
+    for session in sessions:
+        session.request_expiration()
+    assert context.cleanup_unused_sessions(10_000) == 5
+    monkeypatch.setattr(gc, "collect", real_collect)
+    assert calls == []
+    del sessions
+    gc.collect()
+    assert all(ref() is None for ref in refs)
