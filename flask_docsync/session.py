@@ -305,3 +305,6 @@ class ServerSession:
         self._scheduler.close()
         self._connections.clear()
         compat.destroy_document(self._document, self)
+        # A destroyed session may still be referenced (a late connection, a
+        # log record); it must not keep the whole document alive.
+        self._document = None  # type: ignore[assignment]

@@ -398,6 +398,6 @@ def test_discard_does_not_run_a_full_gc_per_session_and_frees_models(contexts, m
     assert context.cleanup_unused_sessions(10_000) == 5
     monkeypatch.setattr(gc, "collect", real_collect)
     assert calls == []
-    del sessions
+    del sessions, session
     gc.collect()
     assert all(ref() is None for ref in refs)
