@@ -22,10 +22,31 @@ _loop: asyncio.AbstractEventLoop | None = None
 _runner: gevent.Greenlet | None = None
 
 
+class _Selector(gevent.selectors.GeventSelector):
+    """Swaps the thread's "running loop" marker when the loop's greenlet waits.
+
+    asyncio keeps the running loop per thread, but greenlets share the
+    thread: left set while the loop idles, it would make every other
+    greenlet look as if it ran inside the loop (``asyncio.run()`` and
+    Playwright's sync API then refuse to start).
+    """
+
+    _outside: asyncio.AbstractEventLoop | None = None
+
+    def select(self, timeout: float | None = None) -> Any:
+        own = asyncio._get_running_loop()
+        asyncio._set_running_loop(self._outside)
+        try:
+            return super().select(timeout)
+        finally:
+            self._outside = asyncio._get_running_loop()
+            asyncio._set_running_loop(own)
+
+
 def _ensure_loop() -> asyncio.AbstractEventLoop:
     global _loop, _runner
     if _loop is None or _loop.is_closed() or _runner is None or _runner.dead:
-        _loop = asyncio.SelectorEventLoop(gevent.selectors.GeventSelector())
+        _loop = asyncio.SelectorEventLoop(_Selector())
         _runner = gevent.spawn(_loop.run_forever)
         _runner.name = "flask_docsync asyncio loop"
     return _loop

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import bokeh
+from bokeh.application.handlers.directory import DirectoryHandler
+from bokeh.application.handlers.lifecycle import LifecycleHandler
 from bokeh.document import document as _bokeh_document
 from bokeh.io import doc as _bokeh_io_doc
 
@@ -116,3 +118,24 @@ def destroy_document(doc: Any, session: Any) -> None:
         doc.destroy(session)
     finally:
         _bokeh_document.gc = real_gc
+
+
+def session_hook(handler: Any, name: str) -> Any:
+    """The callable behind ``handler.<name>`` (a session lifecycle hook).
+
+    For the hooks of ``server_lifecycle.py``/``app_hooks.py`` this is the
+    user's own function: Bokeh 3.9 returns an ``async def`` hook's
+    coroutine without awaiting it, and Bokeh 3.10 runs the hook in a
+    thread (``asyncio.to_thread``), which under gevent leaves the session's
+    greenlet and its context. Calling the function directly, and awaiting
+    what it returns, gives both releases the same behaviour. Other handlers
+    keep their method.
+    """
+    if isinstance(handler, DirectoryHandler):
+        # An app directory's hooks live in its server_lifecycle.py/app_hooks.py handler.
+        handler = getattr(handler, "_lifecycle_handler", handler)
+    if isinstance(handler, LifecycleHandler):
+        fn = getattr(handler, "_" + name, None)
+        if callable(fn):
+            return fn
+    return getattr(handler, name)

@@ -178,6 +178,9 @@ class ApplicationContext:
         Flask app context, set up for the session's request; ``request`` is
         ``None`` for server-wide hooks.
     :param logout_url: Exposed as ``session_context.logout_url``.
+    :param scheduler_factory: Makes each new session's callback scheduler
+        (see :class:`~flask_docsync.session.ServerSession`); ``None`` uses
+        the real-time greenlet scheduler.
     """
 
     def __init__(
@@ -186,6 +189,7 @@ class ApplicationContext:
         url: str,
         app_scope: Callable[[RequestData | None], contextlib.AbstractContextManager[Any]] | None = None,
         logout_url: str | None = None,
+        scheduler_factory: Callable[..., Any] | None = None,
     ) -> None:
         compat.install()
         if not any(isinstance(h, DocumentLifecycleHandler) for h in application.handlers):
@@ -195,6 +199,7 @@ class ApplicationContext:
         self.url = url
         self.app_scope = app_scope or _no_scope
         self.logout_url = logout_url
+        self.scheduler_factory = scheduler_factory
         self.server_context = ServerContext(self)
         self._sessions: dict[str, ServerSession] = {}
         self._pending: dict[str, gevent.event.AsyncResult] = {}
@@ -291,7 +296,9 @@ class ApplicationContext:
                     "App %s: session %s got an incomplete document: %s %s",
                     self.url, session_id, handler.error, handler.error_detail,
                 )
-        session = ServerSession(session_id, doc, token, scope, route=self.url)
+        session = ServerSession(
+            session_id, doc, token, scope, route=self.url, scheduler_factory=self.scheduler_factory
+        )
         context._session = session
         self.server_context._session_contexts[session_id] = context
         return session
@@ -302,7 +309,7 @@ class ApplicationContext:
         # drops the coroutine).
         for handler in self.application.handlers:
             try:
-                aio.resolve(aio.resolve(getattr(handler, name)(context)))
+                aio.resolve(aio.resolve(compat.session_hook(handler, name)(context)))
             except Exception:
                 log.exception("App %s: session %s: error in %s", self.url, context.id, name)
 

@@ -333,7 +333,7 @@ def test_discard_runs_destroy_hooks_and_destroys_document(contexts):
 
 
 def test_raising_callback_leaves_no_curdoc_behind(contexts):
-    from bokeh.io import doc as io_doc
+    from bokeh.io import curdoc
 
     def app(doc):
         slider = Slider(start=0, end=10, value=1, name="s")
@@ -348,10 +348,10 @@ def test_raising_callback_leaves_no_curdoc_behind(contexts):
         json.dumps({"msgid": "m1", "msgtype": "PATCH-DOC"}), "{}",
         json.dumps({"events": [{"kind": "ModelChanged", "model": {"id": slider.id}, "attr": "value", "new": 5}]}),
     )
-    depth = len(io_doc._PATCHED_CURDOCS)
+    before = curdoc()
     with pytest.raises(ZeroDivisionError):
         session.handle_patch(msg, Recorder())
-    assert len(io_doc._PATCHED_CURDOCS) == depth
+    assert curdoc() is before
 
 
 def test_curdoc_is_per_greenlet(contexts):
