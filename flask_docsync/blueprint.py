@@ -144,13 +144,7 @@ def _session_for_http(route: str, user: Any = None):
     if token is not None:
         if session_id is not None:
             raise SessionError(403, "Both token and session ID were provided")
-        session_id, payload = server.tokens.decode(token)
-        session = context.get_session(session_id)
-        if session is None:
-            server.tokens.check_expiry(payload)
-            server.start()
-            session = context.create_session_if_needed(session_id, data, token, payload)
-        return session, token
+        return server.session_for_token(route, token, data), token
     # Application.process_request hooks get the request data (arguments,
     # cookies, headers, ...), the parts of Tornado's request they use.
     extra = context.application.process_request(data) or None

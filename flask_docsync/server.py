@@ -20,6 +20,7 @@ from .connection import ServerConnection
 from .context import ApplicationContext, RequestData
 from .errors import SessionError, TokenError, UnknownApplication
 from .protocol import CLOSE_GOING_AWAY
+from .scheduler import CallbackScheduler
 from .session import ServerSession
 from .tokens import TokenPolicy
 
@@ -54,6 +55,12 @@ class DocSyncServer:
         self.app_scope = app_scope
         #: ``authorize(route)`` from the adapter: the user, or a refusal.
         self.authorize: Callable[[str], Any] | None = None
+        #: ``scheduler_factory(invoke, name)`` makes the callback scheduler of
+        #: each session created from now on; ``None`` uses
+        #: :class:`~flask_docsync.scheduler.CallbackScheduler` (greenlets on
+        #: real time). :mod:`flask_docsync.testing` sets a virtual clock here
+        #: while its test client creates a session.
+        self.scheduler_factory: Callable[..., Any] | None = None
         self.contexts: dict[str, ApplicationContext] = {}
         self.connections: set[ServerConnection] = set()
         self._greenlets: list[gevent.Greenlet] = []
@@ -61,9 +68,16 @@ class DocSyncServer:
         self._stopping = False
 
     def add_application(self, route: str, application: Any, logout_url: str | None = None) -> ApplicationContext:
-        context = ApplicationContext(application, route, self.app_scope, logout_url)
+        context = ApplicationContext(
+            application, route, self.app_scope, logout_url, scheduler_factory=self._make_scheduler
+        )
         self.contexts[route] = context
         return context
+
+    def _make_scheduler(self, invoke: Callable[..., Any], name: str) -> Any:
+        # Looked up per session, so a factory set later applies to every app.
+        factory = self.scheduler_factory or CallbackScheduler
+        return factory(invoke, name)
 
     def routes(self) -> list[str]:
         """Every registered route, built or not yet built."""

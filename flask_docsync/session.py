@@ -69,6 +69,10 @@ class ServerSession:
     :param app_scope: Returns a context manager entered around every
         callback (the Flask app context); ``None`` enters nothing.
     :param route: The app's route, kept for embedding.
+    :param scheduler_factory: ``scheduler_factory(invoke, name)`` makes the
+        session's callback scheduler; ``None`` uses
+        :class:`~flask_docsync.scheduler.CallbackScheduler` (greenlets on
+        real time). :mod:`flask_docsync.testing` passes a virtual clock.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class ServerSession:
         token: str,
         app_scope: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
         route: str | None = None,
+        scheduler_factory: Callable[[Callable[[SessionCallback], Any], str], Any] | None = None,
     ) -> None:
         #: The route of the app the session belongs to, e.g. ``"/sliders"``.
         self.route = route
@@ -94,7 +99,7 @@ class ServerSession:
         self._destroyed = False
         self._expiration_requested = False
         self._expiration_blocked = 0
-        self._scheduler = CallbackScheduler(self._invoke_callback, session_id)
+        self._scheduler = (scheduler_factory or CallbackScheduler)(self._invoke_callback, session_id)
         _live.add(self)
         document.callbacks.on_change_dispatch_to(self)
         for callback in document.session_callbacks:
@@ -126,6 +131,11 @@ class ServerSession:
     @property
     def callback_count(self) -> int:
         return len(self._scheduler)
+
+    @property
+    def scheduler(self) -> Any:
+        """The object that runs this session's next-tick, timeout and periodic callbacks."""
+        return self._scheduler
 
     @property
     def milliseconds_since_last_unsubscribe(self) -> float:
