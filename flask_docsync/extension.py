@@ -160,6 +160,13 @@ class DocSync:
         """
         return create_session(route, arguments)
 
+    @staticmethod
+    def test_client(app: Flask, **kwargs: Any) -> Any:
+        """A :class:`~flask_docsync.testing.DocSyncTestClient` for ``app``."""
+        from .testing import DocSyncTestClient
+
+        return DocSyncTestClient(app, **kwargs)
+
     @property
     def routes(self) -> list[str]:
         return sorted(self._targets)
