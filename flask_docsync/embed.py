@@ -53,7 +53,8 @@ def docsync_document(route: str, arguments: dict[str, Any] | None = None) -> Mar
     try:
         session = create_session(route, arguments)
     except SessionError as exc:
-        if exc.status in (401, 403):
+        # A refusal by the authorize hook: 401/403, or the redirect it chose.
+        if exc.status in (401, 403) or 300 <= exc.status < 400:
             return Markup(render_template("docsync/refused.html", route=route, reason=exc.reason))
         raise
     return docsync_session(session)
