@@ -19,6 +19,7 @@ __all__ = [
     "TokenError",
     "UnknownApplication",
     "__version__",
+    "offload",
 ]
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
         UnknownApplication,
     )
     from .extension import DocSync
+    from .monitor import offload
 
 
 def __getattr__(name: str) -> Any:
@@ -39,6 +41,10 @@ def __getattr__(name: str) -> Any:
         from .extension import DocSync
 
         return DocSync
+    if name == "offload":
+        from .monitor import offload
+
+        return offload
     if name in __all__:
         from . import errors
 

@@ -121,12 +121,11 @@ def create_app(options: argparse.Namespace) -> Any:
         value = getattr(options, flag)
         if value is not None:
             settings[key] = value
-    if options.include_headers is None and options.exclude_headers is None:
-        # bokeh serve carries every header and cookie in the token; so does
-        # the drop-in, unless told otherwise.
-        settings["include_headers"] = ["*"]
-    if options.include_cookies is None and options.exclude_cookies is None:
-        settings["include_cookies"] = ["*"]
+    # Unlike bokeh serve, headers and cookies stay out of the token unless
+    # the include flags ask for them: a session made by the page request
+    # sees that request in full, one made on WebSocket open sees the
+    # upgrade request's own headers and cookies, and the token stays under
+    # proxies' header limits.
     settings["index"] = not options.disable_index
     settings["index_redirect"] = not options.disable_index_redirect
     settings["index_template"] = options.index
@@ -192,15 +191,17 @@ def serve(options: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         log.error("%s", exc)
         return 1
+    docsync_server = app.extensions["docsync"]
+    # on_server_loaded hooks run before the first request can arrive.
+    docsync_server.start()
     server = WSGIServer((options.address or "", options.port), app, log=None, error_log=logging.getLogger("gevent.pywsgi"))
     try:
         server.start()
     except OSError as exc:
         log.error("Cannot listen on %s:%d: %s", options.address or "*", options.port, exc)
+        docsync_server.stop()
         return 1
     port = server.server_port
-    docsync_server = app.extensions["docsync"]
-    docsync_server.start()
     _print_urls(docsync_server.routes(), options.address, port, options.prefix)
     stop = gevent.event.Event()
 

@@ -100,6 +100,14 @@ class Settings:
     include_cookies: tuple[str, ...] | None = None
     exclude_cookies: tuple[str, ...] | None = None
     outbound_queue_size: int = DEFAULT_OUTBOUND_QUEUE_SIZE
+    #: When a reconnecting browser's session is gone (its worker restarted)
+    #: and its token has expired, create a fresh session instead of refusing.
+    #: ``None`` does so when tokens are signed, since then only this
+    #: deployment can have made the token.
+    recreate_expired_sessions: bool | None = None
+    #: Warn, naming the session and callback, when app code holds the event
+    #: loop longer than this without yielding. ``0`` turns the check off.
+    blocking_warning_ms: int = 1000
     #: Serve an index of apps at the prefix root. ``None`` serves it unless
     #: the prefix is empty, where ``/`` belongs to the host app.
     index: bool | None = None
@@ -113,6 +121,12 @@ class Settings:
         if self.sign_sessions is None:
             return self.secret_key is not None
         return self.sign_sessions
+
+    @property
+    def recreates_expired_sessions(self) -> bool:
+        if self.recreate_expired_sessions is None:
+            return self.signed
+        return self.recreate_expired_sessions
 
     @property
     def secret_key_bytes(self) -> bytes | None:
@@ -161,14 +175,14 @@ class Settings:
         for name in ("include_headers", "exclude_headers", "include_cookies", "exclude_cookies"):
             if name in values:
                 values[name] = _as_tuple(values[name], name)
-        for name in ("sign_sessions",):
+        for name in ("sign_sessions", "recreate_expired_sessions"):
             if values.get(name) is not None:
                 values[name] = parse_bool(values[name], "DOCSYNC_" + name.upper())
         for name in ("generate_session_ids", "index", "index_redirect"):
             if values.get(name) is not None:
                 values[name] = parse_bool(values[name], "DOCSYNC_" + name.upper())
         for name in ("session_token_expiration", "keep_alive_ms", "check_unused_sessions_ms",
-                     "unused_session_lifetime_ms", "outbound_queue_size"):
+                     "unused_session_lifetime_ms", "outbound_queue_size", "blocking_warning_ms"):
             if name in values:
                 try:
                     values[name] = int(values[name])

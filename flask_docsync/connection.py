@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import gevent.queue
 
+from . import monitor
 from .errors import ProtocolViolation
 from .protocol import (
     CLOSE_INTERNAL_ERROR,
@@ -237,16 +238,8 @@ class ServerConnection:
         msgtype = message.msgtype
         msgid = message.header["msgid"]
         try:
-            if msgtype == "PULL-DOC-REQ":
-                reply = session.handle_pull(message, self)
-            elif msgtype == "PATCH-DOC":
-                reply = session.handle_patch(message, self)
-            elif msgtype == "PUSH-DOC":
-                reply = session.handle_push(message, self)
-            elif msgtype == "SERVER-INFO-REQ":
-                reply = protocol.create("SERVER-INFO-REPLY", msgid)
-            else:  # MessageDecoder lets only client types through
-                raise ProtocolViolation(1002, f"unexpected message type {msgtype!r}")
+            with monitor.running(f"Session {session.id}: {msgtype} from connection {self.id}"):
+                reply = self._dispatch(message)
         except (gevent.GreenletExit, ProtocolViolation):
             raise
         except Exception as exc:
@@ -262,3 +255,18 @@ class ServerConnection:
             # otherwise attach the server's traceback for the client to read.
             reply = protocol.create("ERROR", msgid, error_text)
         self.send_message(reply)
+
+    def _dispatch(self, message: Message[Any]) -> Message[Any]:
+        session = self.session
+        msgtype = message.msgtype
+        msgid = message.header["msgid"]
+        if msgtype == "PULL-DOC-REQ":
+            return session.handle_pull(message, self)
+        if msgtype == "PATCH-DOC":
+            return session.handle_patch(message, self)
+        if msgtype == "PUSH-DOC":
+            return session.handle_push(message, self)
+        if msgtype == "SERVER-INFO-REQ":
+            return protocol.create("SERVER-INFO-REPLY", msgid)
+        # MessageDecoder lets only client message types through.
+        raise ProtocolViolation(1002, f"unexpected message type {msgtype!r}")

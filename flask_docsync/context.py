@@ -216,6 +216,11 @@ class ApplicationContext:
     def get_session(self, session_id: str) -> ServerSession | None:
         return self._sessions.get(session_id)
 
+    def session_user(self, session_id: str) -> Any:
+        """The user of the request that created the session (``None`` if unknown)."""
+        context = self.server_context._session_contexts.get(session_id)
+        return context.request.user if context is not None else None
+
     def run_load_hook(self) -> None:
         if self._loaded:
             return

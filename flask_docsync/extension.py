@@ -13,9 +13,10 @@ from flask import Flask, current_app, request
 
 from .apps import AppTarget, build_application, normalize_route
 from .blueprint import make_blueprint
+from .commands import docsync_cli
 from .config import Settings
 from .errors import ConfigurationError
-from . import embed
+from . import deploy, embed
 from .context import RequestData
 from .errors import SessionError
 from .server import DocSyncServer
@@ -78,6 +79,9 @@ class DocSync:
         if "docsync" in app.extensions:
             raise ConfigurationError("DocSync is already initialized on this app.")
         settings = Settings.load(app.config, self._options)
+        problems = deploy.problems(settings, deploy.worker_count())
+        if problems:
+            raise ConfigurationError(" ".join(problems))
         server = DocSyncServer(
             settings,
             app_scope=functools.partial(_app_scope, app),
@@ -89,6 +93,7 @@ class DocSync:
         app.register_blueprint(
             make_blueprint(settings.url_prefix, settings.index or "/" in self._targets, self._decorators)
         )
+        app.cli.add_command(docsync_cli)
         app.add_template_global(embed.docsync_resources, "docsync_resources")
         app.add_template_global(embed.docsync_document, "docsync_document")
         app.add_template_global(embed.docsync_session, "docsync_session")

@@ -19,7 +19,8 @@ from .config import Settings
 from .connection import ServerConnection
 from .context import ApplicationContext, RequestData
 from .errors import SessionError, TokenError, UnknownApplication
-from .protocol import CLOSE_GOING_AWAY
+from . import deploy, monitor
+from .protocol import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 from .scheduler import CallbackScheduler
 from .session import ServerSession
 from .tokens import TokenPolicy
@@ -66,6 +67,7 @@ class DocSyncServer:
         self._greenlets: list[gevent.Greenlet] = []
         self._started = False
         self._stopping = False
+        self._stop_hooked = False
 
     def add_application(self, route: str, application: Any, logout_url: str | None = None) -> ApplicationContext:
         context = ApplicationContext(
@@ -110,10 +112,18 @@ class DocSyncServer:
         return self._stopping
 
     def start(self) -> None:
-        """Run ``on_server_loaded`` hooks and start background greenlets (idempotent)."""
+        """Run ``on_server_loaded`` hooks and start background greenlets (idempotent).
+
+        Inside a gunicorn worker it also hooks the worker's stop signals, so a
+        restart closes WebSockets with 1012 (browsers reconnect to a live
+        worker) and runs every destroy and unload hook.
+        """
         if self._started:
             return
         self._started = True
+        if not self._stop_hooked:
+            self._stop_hooked = deploy.on_stop_signal(self._stop_on_signal)
+        monitor.enable(self.settings.blocking_warning_ms)
         for context in self.contexts.values():
             context.run_load_hook()
         cleanup = gevent.spawn(self._cleanup_loop)
@@ -123,6 +133,10 @@ class DocSyncServer:
             pinger = gevent.spawn(self._keepalive_loop)
             pinger.name = "docsync-keepalive"
             self._greenlets.append(pinger)
+
+    def _stop_on_signal(self, name: str) -> None:
+        log.info("Worker received %s: closing WebSockets and destroying sessions", name)
+        self.stop(CLOSE_SERVICE_RESTART, "server restarting")
 
     def stop(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down") -> None:
         """Close every connection, destroy every session, run unload hooks."""
@@ -198,8 +212,20 @@ class DocSyncServer:
         session_id, payload = self.tokens.decode(token)
         session = context.get_session(session_id)
         if session is not None and not session.destroyed:
+            owner = context.session_user(session_id)
+            if self.authorize is not None and owner != live_request.user:
+                # A reconnect must come back as the user the session was made for.
+                raise TokenError("This session belongs to another user.")
             return session
-        self.tokens.check_expiry(payload)
+        try:
+            self.tokens.check_expiry(payload)
+        except TokenError:
+            if not self.settings.recreates_expired_sessions:
+                raise
+            # The session is gone (a restarted or different worker) and the
+            # browser is reconnecting with its page's token: a fresh session
+            # beats a dead page. The signature proves the token is ours.
+            log.info("App %s: recreating session %s from an expired token", route, session_id)
         if not session_id:
             raise TokenError("The session token names no session.")
         request = RequestData(

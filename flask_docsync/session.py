@@ -18,7 +18,7 @@ import gevent.lock
 from bokeh.document.locking import UnlockedDocumentProxy
 from bokeh.events import ConnectionLost
 
-from . import aio, compat
+from . import aio, compat, monitor
 from .protocol import encode, protocol
 from .scheduler import CallbackScheduler
 
@@ -258,8 +258,11 @@ class ServerSession:
         if self._destroyed:
             return
         doc = self._document
+        label = f"Session {self._id}: {type(callback).__name__} {describe_callback(callback)}"
         try:
-            with self._app_scope(), compat.curdoc_as(UnlockedDocumentProxy(doc) if nolock else doc):
+            with monitor.running(label), self._app_scope(), compat.curdoc_as(
+                UnlockedDocumentProxy(doc) if nolock else doc
+            ):
                 if nolock:
                     aio.resolve(fn())
                 else:

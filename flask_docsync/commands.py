@@ -1,0 +1,133 @@
+"""``flask docsync ...``: commands for the host app's Flask CLI."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from typing import Any
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+from . import deploy
+from .config import TOKEN_SIZE_WARNING
+
+docsync_cli = AppGroup("docsync", help="Inspect the flask-docsync apps of this Flask app.")
+
+#: gunicorn refuses a request header longer than this by default.
+GUNICORN_HEADER_LIMIT = 8190
+
+
+@docsync_cli.command("apps")
+def apps_command() -> None:
+    """List the registered Bokeh apps and their URLs."""
+    server = current_app.extensions["docsync"]
+    prefix = server.settings.url_prefix
+    for route in server.routes():
+        click.echo(f"{route}\t{prefix}{route if route != '/' else '/'}")
+
+
+def _gunicorn_settings(config_file: str | None) -> dict[str, Any]:
+    from gunicorn.config import Config
+
+    cfg = Config()
+    if config_file:
+        namespace: dict[str, Any] = {"__file__": config_file}
+        with open(config_file, encoding="utf-8") as f:
+            exec(compile(f.read(), config_file, "exec"), namespace)  # noqa: S102 - the user's own config
+        for key, value in namespace.items():
+            if key in cfg.settings:
+                cfg.set(key, value)
+    args = os.environ.get("GUNICORN_CMD_ARGS")
+    if args:
+        parsed = cfg.parser().parse_args(shlex.split(args))
+        for key, value in vars(parsed).items():
+            if value is not None and key in cfg.settings:
+                cfg.set(key, value)
+    return {
+        "worker_class": cfg.worker_class_str,
+        "workers": cfg.workers,
+        "worker_connections": cfg.worker_connections,
+        "timeout": cfg.timeout,
+        "graceful_timeout": cfg.graceful_timeout,
+        "limit_request_field_size": cfg.limit_request_field_size,
+        "preload_app": cfg.preload_app,
+    }
+
+
+@docsync_cli.command("check-deploy")
+@click.option("--gunicorn-config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="The gunicorn.conf.py the deployment uses.")
+@click.option("--workers", type=int, default=None, help="Worker count, if not in the config.")
+@click.option("--worker-class", default=None, help="Worker class, if not in the config.")
+def check_deploy_command(config_file: str | None, workers: int | None, worker_class: str | None) -> None:
+    """Report how this app would be served, and flag what would break."""
+    server = current_app.extensions["docsync"]
+    settings = server.settings
+    g = _gunicorn_settings(config_file)
+    if workers is not None:
+        g["workers"] = workers
+    if worker_class is not None:
+        g["worker_class"] = worker_class
+    kind = g["worker_class"].lower()
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    if "geventwebsocket" in kind:
+        patched = "yes (the worker monkey-patches before loading the app)"
+        warnings.append(
+            "gevent-websocket's worker completes the WebSocket handshake before the app runs, so a"
+            " refused origin or token gets close 1008 instead of an HTTP 403. Prefer -k gevent."
+        )
+    elif "gevent" in kind:
+        patched = "yes (the worker monkey-patches before loading the app)"
+    else:
+        patched = "no"
+        problems.append(
+            f"worker class {g['worker_class']!r} cannot hold WebSockets next to other requests;"
+            " run gunicorn with -k gevent."
+        )
+    if g["preload_app"]:
+        warnings.append("preload_app imports the app before gevent patches the standard library; turn it off.")
+    problems.extend(deploy.problems(settings, g["workers"]))
+
+    sample = server.tokens.make_token(server.tokens.new_session_id(), {"arg": [b"x" * 32]}, {}, {})
+    carried = []
+    for kind_name in ("headers", "cookies"):
+        include = getattr(settings, f"include_{kind_name}")
+        exclude = getattr(settings, f"exclude_{kind_name}")
+        if exclude or (include and "*" in include):
+            carried.append(f"all {kind_name}" + (f" except {', '.join(exclude)}" if exclude else ""))
+        elif include:
+            carried.append(f"{kind_name} {', '.join(include)}")
+    if carried:
+        warnings.append(
+            f"tokens carry {'; '.join(carried)}: each browser's token grows with them and must stay"
+            f" under {g['limit_request_field_size']} bytes (gunicorn) and nginx's header buffers."
+        )
+    if len(sample) > min(TOKEN_SIZE_WARNING, g["limit_request_field_size"]):
+        problems.append(f"a minimal token is already {len(sample)} bytes.")
+
+    origins = ", ".join(settings.allow_websocket_origin) or "the serving host only"
+    rows = [
+        ("worker class", g["worker_class"]),
+        ("workers", str(g["workers"])),
+        ("worker connections", f"{g['worker_connections']} (one per open document tab)"),
+        ("monkey-patched", patched),
+        ("session ids", "signed" if settings.signed else "unsigned"),
+        ("allowed origins", origins),
+        ("token size", f"~{len(sample)} bytes plus carried headers/cookies"),
+        ("keep-alive", f"{settings.keep_alive_ms} ms" if settings.keep_alive_ms else "off"),
+        ("timeout", f"{g['timeout']} s (a callback holding the loop longer gets the worker killed)"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name.ljust(width)}  {value}")
+    for text in warnings:
+        click.echo(f"WARNING: {text}")
+    for text in problems:
+        click.echo(f"PROBLEM: {text}")
+    if problems:
+        raise SystemExit(1)
+    click.echo("OK")

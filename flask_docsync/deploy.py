@@ -1,0 +1,79 @@
+"""What flask-docsync knows about the process it is deployed in.
+
+gunicorn installs its worker's signal handlers before it loads the app, so
+the worker (its class and config) can be found from the SIGTERM handler.
+That lets the app refuse an unsafe multi-worker setup at start-up and close
+its WebSockets cleanly when the worker is told to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+
+log = logging.getLogger(__name__)
+
+_STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT")
+
+
+def gunicorn_worker() -> Any | None:
+    """The gunicorn worker running this process, or ``None`` outside one."""
+    if "gunicorn" not in sys.modules:
+        return None
+    try:
+        from gunicorn.workers.base import Worker
+    except ImportError:
+        return None
+    handler = signal.getsignal(signal.SIGTERM)
+    owner = getattr(handler, "__self__", None)
+    return owner if isinstance(owner, Worker) else None
+
+
+def worker_count() -> int:
+    """How many gunicorn workers share the port; 1 outside gunicorn."""
+    worker = gunicorn_worker()
+    if worker is None:
+        return 1
+    return int(getattr(worker.cfg, "workers", 1) or 1)
+
+
+def on_stop_signal(callback: Callable[[str], None]) -> bool:
+    """Call ``callback(signal_name)`` on a greenlet when the worker is told to stop.
+
+    The previous handler (gunicorn's) still runs, so the worker stops
+    accepting and waits out its graceful timeout as usual; the callback
+    uses that time to close WebSockets and run the session hooks.
+
+    :return: Whether a gunicorn worker was found to hook into.
+    """
+    worker = gunicorn_worker()
+    if worker is None:
+        return False
+    for name in _STOP_SIGNALS:
+        signum = getattr(signal, name)
+        previous = signal.getsignal(signum)
+
+        def handler(sig: int, frame: Any, previous: Any = previous, name: str = name) -> None:
+            gevent.spawn(callback, name)
+            if callable(previous):
+                previous(sig, frame)
+
+        signal.signal(signum, handler)
+    return True
+
+
+def problems(settings: Any, workers: int) -> list[str]:
+    """What is wrong with a deployment of ``workers`` processes with ``settings``."""
+    found = []
+    if workers > 1 and not settings.signed:
+        found.append(
+            f"{workers} workers share the port but session ids are not signed: a page and its"
+            " WebSocket can land on different workers, which must be able to trust each other's"
+            " tokens. Set DOCSYNC_SECRET_KEY (or BOKEH_SECRET_KEY) to the same value for all."
+        )
+    return found

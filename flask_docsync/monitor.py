@@ -1,0 +1,90 @@
+"""Warn when app code holds the gevent event loop.
+
+One hub runs every session of a worker: a callback that computes for
+seconds without yielding freezes all of them (and, past gunicorn's
+``--timeout``, gets the worker killed). gevent's monitor thread notices a
+hub that has not switched for ``max_blocking_time``; this turns its report
+into one log line naming the session and the callback or message that was
+running, and a hint to move the work off the loop with :func:`offload`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import gevent
+import gevent.events
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_labels: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_subscribed = False
+
+
+@contextlib.contextmanager
+def running(label: str) -> Iterator[None]:
+    """Name what the current greenlet runs, for blocking reports."""
+    current = gevent.getcurrent()
+    previous = _labels.get(current)
+    _labels[current] = label
+    try:
+        yield
+    finally:
+        if previous is None:
+            _labels.pop(current, None)
+        else:
+            _labels[current] = previous
+
+
+def _on_event(event: Any) -> None:
+    if not isinstance(event, gevent.events.EventLoopBlocked):
+        return
+    label = _labels.get(event.greenlet)
+    if label is None:
+        label = getattr(event.greenlet, "name", None) or repr(event.greenlet)
+    where = next((line.strip() for line in reversed(event.info or []) if line.strip().startswith("File")), "")
+    log.warning(
+        "%s blocked the event loop for more than %.1f s, stalling every other session of"
+        " this worker. Move CPU-bound or blocking work off the loop with"
+        " flask_docsync.offload(...). %s",
+        label, event.blocking_time, where,
+    )
+
+
+def enable(threshold_ms: int) -> bool:
+    """Start watching the hub of this thread; ``threshold_ms <= 0`` does nothing."""
+    global _subscribed
+    if threshold_ms <= 0:
+        return False
+    gevent.config.max_blocking_time = threshold_ms / 1000.0
+    gevent.config.monitor_thread = True
+    # Our log line replaces gevent's multi-page report on stderr.
+    gevent.config.print_blocking_reports = False
+    if not _subscribed:
+        gevent.events.subscribers.append(_on_event)
+        _subscribed = True
+    return gevent.get_hub().start_periodic_monitoring_thread() is not None
+
+
+def offload(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn(*args, **kwargs)`` in gevent's thread pool and return its result.
+
+    Only the calling greenlet waits; the event loop and every other session
+    keep running. Use it in callbacks for blocking calls without a gevent
+    equivalent and for CPU-bound work (numpy, pandas and most C extensions
+    release the GIL; pure-Python loops still share it, so for those pass a
+    function to a ``concurrent.futures.ProcessPoolExecutor`` through
+    ``offload(pool.submit(fn, ...).result)``).
+
+    Inside a locked callback the session's document stays locked while the
+    work runs; to let the session respond meanwhile, decorate the callback
+    with ``bokeh.document.without_document_lock`` and apply the result with
+    ``doc.add_next_tick_callback``.
+    """
+    return gevent.get_hub().threadpool.apply(fn, args, kwargs)
