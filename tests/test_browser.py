@@ -12,13 +12,9 @@ package is missing; ``scripts/test.sh`` installs both.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,26 +22,13 @@ from typing import Any
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"browser tests need Debian's chromium at {CHROMIUM}", allow_module_level=True)
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="browser tests need the playwright package (pip install playwright)"
-)
+from browser_util import TIMEOUT_MS, launch_browser, require_browser, static_site  # noqa: E402
+
+sync_api = require_browser()
 expect = sync_api.expect
 
-from conftest import APPS, free_port  # noqa: E402
+from conftest import APPS  # noqa: E402
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
-TIMEOUT_MS = 20_000
 WIDGETS = APPS / "browser_widgets.py"
 STREAMING = APPS / "browser_streaming.py"
 
@@ -100,12 +83,8 @@ class Watch:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with launch_browser() as browser:
+        yield browser
 
 
 @pytest.fixture
@@ -141,17 +120,6 @@ def websocket_records(page: Any) -> list[dict[str, Any]]:
     return page.evaluate("window.__websockets")
 
 
-def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
 # --------------------------------------------------------------------------
@@ -232,17 +200,8 @@ def test_streamed_numpy_columns_arrive_as_typed_arrays(serve, open_page):
 @pytest.fixture
 def foreign_site(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A static site on another port of 127.0.0.1: (its origin, its folder)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        wait_port(port, proc)
-        yield f"http://127.0.0.1:{port}", tmp_path
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with static_site(tmp_path) as origin:
+        yield origin, tmp_path
 
 
 def write_embed_page(folder: Path, app_url: str) -> str:

@@ -23,12 +23,8 @@ from __future__ import annotations
 
 import http.cookiejar
 import json
-import os
 import re
-import socket
-import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -37,28 +33,15 @@ from typing import Any
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"browser tests need Debian's chromium at {CHROMIUM}", allow_module_level=True)
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="browser tests need the playwright package (pip install playwright)"
-)
+from browser_util import TIMEOUT_MS, launch_browser, require_browser, static_site  # noqa: E402
+
+sync_api = require_browser()
 expect = sync_api.expect
 
 import websocket  # noqa: E402
 
 from conftest import ROOT, RunningServer, free_port  # noqa: E402
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
-TIMEOUT_MS = 20_000
 RUN_PY = ROOT / "examples" / "site" / "run.py"
 PASSWORD = "docsync"
 TOKEN = re.compile(r'"token":"([A-Za-z0-9_.\-]+)"')
@@ -104,34 +87,14 @@ def stop_site(server: RunningServer) -> None:
     assert "Traceback" not in log and " ERROR " not in log, log
 
 
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
 @pytest.fixture(scope="module")
 def foreign(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A static site on another port of 127.0.0.1 (another origin): (origin, folder)."""
     folder = tmp_path_factory.mktemp("foreign")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        wait_port(port, proc)
-        yield f"http://127.0.0.1:{port}", folder
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with static_site(folder) as origin:
+        yield origin, folder
 
 
 @pytest.fixture(scope="module")
@@ -152,12 +115,8 @@ def prefixed_site(foreign: tuple[str, Path]) -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with launch_browser() as browser:
+        yield browser
 
 
 class Page:
