@@ -354,6 +354,20 @@ def _refuse_ws(environ: Any, status: int, reason: str) -> Response:
     return _refuse(status, reason)
 
 
+#: Addresses allowed to read ``/_stats``: the figures describe the whole
+#: process, so they are for the operator on the machine, not for visitors.
+_LOOPBACK = ("127.0.0.1", "::1")
+
+
+def stats() -> Response:
+    server = _server()
+    if not server.settings.stats_endpoint:
+        abort(404)
+    if request.remote_addr not in _LOOPBACK:
+        return _refuse(403, "Stats are served to loopback clients only.")
+    return jsonify(server.stats())
+
+
 def make_blueprint(
     url_prefix: str, with_index: bool = True, decorators: Sequence[Callable[..., Any]] = ()
 ) -> Blueprint:
@@ -374,6 +388,7 @@ def make_blueprint(
     bp = Blueprint("docsync", __name__, template_folder=_TEMPLATE_FOLDER, url_prefix=url_prefix or None)
     if with_index:
         bp.add_url_rule("/", "index", guarded(index), strict_slashes=False)
+    bp.add_url_rule("/_stats", "stats", stats)
     bp.add_url_rule("/static/extensions/<path:filename>", "extension_static", extension_static)
     bp.add_url_rule("/static/<path:filename>", "bokehjs_static", bokehjs_static)
     bp.add_url_rule("/ws", "root_ws", guarded(ws), websocket=True)

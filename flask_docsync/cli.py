@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-index", action="store_true", help="Do not serve an index at /.")
     p.add_argument("--disable-index-redirect", action="store_true", help="Do not redirect / to the only app.")
     p.add_argument("--ico-path", default="default", help="Path of a .ico for /favicon.ico, or 'none'.")
+    p.add_argument("--stats-log-frequency", type=_ms, default=None, metavar="MILLISECONDS",
+                   help="How often to log session and connection figures at DEBUG (default 15000; 0 is off).")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="Log level (default info).")
     p.add_argument("--log-format", default=DEFAULT_LOG_FORMAT, help="Python logging format.")
     p.add_argument("--log-file", default=None, help="Write logs to this file.")
@@ -90,10 +92,15 @@ def create_app(options: argparse.Namespace) -> Any:
     from .extension import DocSync
 
     app = Flask("flask_docsync.serve", static_folder=None)
+    # DOCSYNC_* environment variables configure the server like config keys;
+    # flags given on the command line win over them.
+    app.config.update({k: v for k, v in os.environ.items() if k.startswith("DOCSYNC_")})
     files = _expand(options.files, options.glob)
     port = options.port
     origins = options.allow_websocket_origin
-    if origins is None and not os.environ.get("BOKEH_ALLOW_WS_ORIGIN"):
+    if origins is None and not (
+        os.environ.get("BOKEH_ALLOW_WS_ORIGIN") or os.environ.get("DOCSYNC_ALLOW_WEBSOCKET_ORIGIN")
+    ):
         # bokeh serve's default, plus the serving host (see origin_allowed).
         origins = [f"localhost:{port}"] if port else []
     settings: dict[str, Any] = {"url_prefix": options.prefix}
@@ -104,15 +111,13 @@ def create_app(options: argparse.Namespace) -> Any:
     elif options.session_ids in ("signed", "external-signed"):
         settings["sign_sessions"] = True
         settings["generate_session_ids"] = options.session_ids == "signed"
-    secret = os.environ.get("DOCSYNC_SECRET_KEY")
-    if secret:
-        settings["secret_key"] = secret
     for flag, key in (
         ("session_token_expiration", "session_token_expiration"),
         ("keep_alive", "keep_alive_ms"),
         ("check_unused_sessions", "check_unused_sessions_ms"),
         ("unused_session_lifetime", "unused_session_lifetime_ms"),
         ("websocket_max_message_size", "websocket_max_message_size"),
+        ("stats_log_frequency", "stats_log_ms"),
         ("include_headers", "include_headers"),
         ("exclude_headers", "exclude_headers"),
         ("include_cookies", "include_cookies"),
@@ -129,7 +134,9 @@ def create_app(options: argparse.Namespace) -> Any:
     settings["index"] = not options.disable_index
     settings["index_redirect"] = not options.disable_index_redirect
     settings["index_template"] = options.index
-    docsync = DocSync(**settings)
+    # As config keys, so they win over DOCSYNC_* variables from the environment.
+    app.config.update({"DOCSYNC_" + key.upper(): value for key, value in settings.items()})
+    docsync = DocSync()
     if not files:
         from bokeh.application import Application
 

@@ -131,3 +131,33 @@ def check_deploy_command(config_file: str | None, workers: int | None, worker_cl
     if problems:
         raise SystemExit(1)
     click.echo("OK")
+
+
+@docsync_cli.command("stats")
+@click.option("--url", default=None,
+              help="Base URL of the running server's DocSync prefix, e.g. http://127.0.0.1:5000/docsync."
+                   " Without it, the figures of this (idle) process are shown.")
+def stats_command(url: str | None) -> None:
+    """Show sessions, connections, queued messages and callback figures.
+
+    The running server must have DOCSYNC_STATS_ENDPOINT on, and answers
+    loopback clients only.
+    """
+    import json
+    import urllib.error
+    import urllib.request
+
+    if url is None:
+        data = current_app.extensions["docsync"].stats()
+    else:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/_stats", timeout=10) as response:
+                data = json.load(response)
+        except urllib.error.HTTPError as exc:
+            raise click.ClickException(
+                f"{url}/_stats answered {exc.code}: set DOCSYNC_STATS_ENDPOINT=True on the server"
+                " and ask from the same machine."
+            ) from None
+        except OSError as exc:
+            raise click.ClickException(f"cannot reach {url}: {exc}") from None
+    click.echo(json.dumps(data, indent=2, sort_keys=True))

@@ -108,6 +108,12 @@ class Settings:
     #: Warn, naming the session and callback, when app code holds the event
     #: loop longer than this without yielding. ``0`` turns the check off.
     blocking_warning_ms: int = 1000
+    #: ``--stats-log-frequency``: log sessions, connections and queues at
+    #: DEBUG on the ``flask_docsync.stats`` logger this often; ``0`` is off.
+    stats_log_ms: int = 15_000
+    #: Serve this process's figures as JSON at ``<prefix>/_stats`` to
+    #: loopback clients (``flask docsync stats --url ...``).
+    stats_endpoint: bool = False
     #: Serve an index of apps at the prefix root. ``None`` serves it unless
     #: the prefix is empty, where ``/`` belongs to the host app.
     index: bool | None = None
@@ -178,11 +184,12 @@ class Settings:
         for name in ("sign_sessions", "recreate_expired_sessions"):
             if values.get(name) is not None:
                 values[name] = parse_bool(values[name], "DOCSYNC_" + name.upper())
-        for name in ("generate_session_ids", "index", "index_redirect"):
+        for name in ("generate_session_ids", "index", "index_redirect", "stats_endpoint"):
             if values.get(name) is not None:
                 values[name] = parse_bool(values[name], "DOCSYNC_" + name.upper())
         for name in ("session_token_expiration", "keep_alive_ms", "check_unused_sessions_ms",
-                     "unused_session_lifetime_ms", "outbound_queue_size", "blocking_warning_ms"):
+                     "unused_session_lifetime_ms", "outbound_queue_size", "blocking_warning_ms",
+                     "stats_log_ms"):
             if name in values:
                 try:
                     values[name] = int(values[name])

@@ -238,7 +238,7 @@ class ServerConnection:
         msgtype = message.msgtype
         msgid = message.header["msgid"]
         try:
-            with monitor.running(f"Session {session.id}: {msgtype} from connection {self.id}"):
+            with monitor.running(self._describe, msgtype):
                 reply = self._dispatch(message)
         except (gevent.GreenletExit, ProtocolViolation):
             raise
@@ -255,6 +255,9 @@ class ServerConnection:
             # otherwise attach the server's traceback for the client to read.
             reply = protocol.create("ERROR", msgid, error_text)
         self.send_message(reply)
+
+    def _describe(self, msgtype: str) -> str:
+        return f"Session {self.session.id}: {msgtype} from connection {self.id}"
 
     def _dispatch(self, message: Message[Any]) -> Message[Any]:
         session = self.session

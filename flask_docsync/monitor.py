@@ -23,16 +23,20 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_labels: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_labels: weakref.WeakKeyDictionary[Any, tuple[Any, tuple[Any, ...]]] = weakref.WeakKeyDictionary()
 _subscribed = False
 
 
 @contextlib.contextmanager
-def running(label: str) -> Iterator[None]:
-    """Name what the current greenlet runs, for blocking reports."""
+def running(describe: Callable[..., str] | str, *args: Any) -> Iterator[None]:
+    """Name what the current greenlet runs, for blocking reports.
+
+    :param describe: The name, or a function called with ``args`` to make
+        it, so nothing is formatted unless a report needs it.
+    """
     current = gevent.getcurrent()
     previous = _labels.get(current)
-    _labels[current] = label
+    _labels[current] = (describe, args)
     try:
         yield
     finally:
@@ -45,9 +49,12 @@ def running(label: str) -> Iterator[None]:
 def _on_event(event: Any) -> None:
     if not isinstance(event, gevent.events.EventLoopBlocked):
         return
-    label = _labels.get(event.greenlet)
-    if label is None:
+    entry = _labels.get(event.greenlet)
+    if entry is None:
         label = getattr(event.greenlet, "name", None) or repr(event.greenlet)
+    else:
+        describe, args = entry
+        label = describe(*args) if callable(describe) else describe
     where = next((line.strip() for line in reversed(event.info or []) if line.strip().startswith("File")), "")
     log.warning(
         "%s blocked the event loop for more than %.1f s, stalling every other session of"

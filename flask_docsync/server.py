@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -22,10 +23,12 @@ from .errors import SessionError, TokenError, UnknownApplication
 from . import deploy, monitor
 from .protocol import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 from .scheduler import CallbackScheduler
-from .session import ServerSession
+from .session import ServerSession, callback_stats, live_sessions
 from .tokens import TokenPolicy
 
 log = logging.getLogger(__name__)
+#: Periodic figures (DEBUG), like bokeh serve's --stats-log-frequency lines.
+stats_log = logging.getLogger("flask_docsync.stats")
 
 
 class DocSyncServer:
@@ -133,6 +136,10 @@ class DocSyncServer:
             pinger = gevent.spawn(self._keepalive_loop)
             pinger.name = "docsync-keepalive"
             self._greenlets.append(pinger)
+        if self.settings.stats_log_ms > 0:
+            stats = gevent.spawn(self._stats_loop)
+            stats.name = "docsync-stats-log"
+            self._greenlets.append(stats)
 
     def _stop_on_signal(self, name: str) -> None:
         log.info("Worker received %s: closing WebSockets and destroying sessions", name)
@@ -257,6 +264,35 @@ class DocSyncServer:
     def session_count(self) -> int:
         return sum(len(c.sessions) for c in self.contexts.values())
 
+    def stats(self) -> dict[str, Any]:
+        """Figures of this process for monitoring (``flask docsync stats``).
+
+        Cheap enough to log every few seconds: no garbage-collector scans.
+        """
+        lifetime = self.settings.unused_session_lifetime_ms
+        apps = {}
+        for route, context in self.contexts.items():
+            sessions = context.sessions
+            apps[route] = {
+                "sessions": len(sessions),
+                "unused": sum(
+                    1 for s in sessions
+                    if s.connection_count == 0 and s.milliseconds_since_last_unsubscribe > lifetime
+                ),
+                "callbacks": sum(s.callback_count for s in sessions),
+                "models": sum(len(s.document.models) for s in sessions if not s.destroyed),
+            }
+        return {
+            "pid": os.getpid(),
+            "sessions": sum(a["sessions"] for a in apps.values()),
+            "live_sessions_in_process": len(live_sessions()),
+            "connections": len(self.connections),
+            "queued_messages": sum(c.queued for c in self.connections),
+            "greenlets_scheduled": sum(a["callbacks"] for a in apps.values()),
+            "callbacks": dict(callback_stats),
+            "apps": apps,
+        }
+
     # Background work
 
     def _cleanup_loop(self) -> None:
@@ -269,6 +305,23 @@ class DocSyncServer:
                     context.cleanup_unused_sessions(lifetime)
                 except Exception:
                     log.exception("App %s: unused-session cleanup failed", context.url)
+
+    def _stats_loop(self) -> None:
+        interval = self.settings.stats_log_ms / 1000.0
+        while True:
+            gevent.sleep(interval)
+            if not stats_log.isEnabledFor(logging.DEBUG):
+                continue
+            s = self.stats()
+            stats_log.debug(
+                "[pid %d] %d sessions, %d connections, %d queued messages, %d callbacks run"
+                " (%d raised, %.1f s)", s["pid"], s["sessions"], s["connections"],
+                s["queued_messages"], s["callbacks"]["runs"], s["callbacks"]["errors"],
+                s["callbacks"]["seconds"],
+            )
+            for route, app in s["apps"].items():
+                stats_log.debug("[pid %d] %s has %d sessions with %d unused", s["pid"], route,
+                                app["sessions"], app["unused"])
 
     def _keepalive_loop(self) -> None:
         interval = self.settings.keep_alive_ms / 1000.0

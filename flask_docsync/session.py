@@ -37,6 +37,10 @@ class Subscriber(TypingProtocol):
 
 _live: weakref.WeakSet[ServerSession] = weakref.WeakSet()
 
+#: Session callbacks run in this process: how many, how many raised, and
+#: their total wall time (including time spent waiting for I/O).
+callback_stats: dict[str, float] = {"runs": 0, "errors": 0, "seconds": 0.0}
+
 
 def live_sessions() -> list[ServerSession]:
     """Sessions of this process that are not destroyed (for stats and leak checks)."""
@@ -258,9 +262,9 @@ class ServerSession:
         if self._destroyed:
             return
         doc = self._document
-        label = f"Session {self._id}: {type(callback).__name__} {describe_callback(callback)}"
+        started = time.perf_counter()
         try:
-            with monitor.running(label), self._app_scope(), compat.curdoc_as(
+            with monitor.running(self._describe, callback), self._app_scope(), compat.curdoc_as(
                 UnlockedDocumentProxy(doc) if nolock else doc
             ):
                 if nolock:
@@ -270,10 +274,14 @@ class ServerSession:
         except gevent.GreenletExit:
             raise
         except Exception:
-            log.exception(
-                "Session %s: error in %s %s; the session goes on",
-                self._id, type(callback).__name__, describe_callback(callback),
-            )
+            callback_stats["errors"] += 1
+            log.exception("%s raised; the session goes on", self._describe(callback))
+        finally:
+            callback_stats["runs"] += 1
+            callback_stats["seconds"] += time.perf_counter() - started
+
+    def _describe(self, callback: SessionCallback) -> str:
+        return f"Session {self._id}: {type(callback).__name__} {describe_callback(callback)}"
 
     # Message handlers; each returns the reply to send.
 
