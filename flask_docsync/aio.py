@@ -66,7 +66,12 @@ def resolve(value: Any) -> Any:
     context = contextvars.copy_context()
 
     async def _await() -> Any:
-        return await value
+        try:
+            return await value
+        except SystemExit as exc:
+            # asyncio re-raises SystemExit out of the loop, which would end
+            # the server; the waiting greenlet raises it instead (below).
+            return _Exited(exc)
 
     def _done(task: asyncio.Task[Any]) -> None:
         if task.cancelled():
@@ -81,7 +86,17 @@ def resolve(value: Any) -> Any:
         task.add_done_callback(_done)
 
     loop.call_soon_threadsafe(_start)
-    return result.get()
+    value = result.get()
+    if isinstance(value, _Exited):
+        raise value.exc
+    return value
+
+
+class _Exited:
+    """A coroutine's ``SystemExit``, carried out of the asyncio loop."""
+
+    def __init__(self, exc: SystemExit) -> None:
+        self.exc = exc
 
 
 def shutdown() -> None:

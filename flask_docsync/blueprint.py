@@ -159,6 +159,7 @@ def _app_route(app_path: str) -> str:
         base, _, last = app_path.rstrip("/").rpartition("/")
         if last == "ws" and _server().has_route(normalize_route(base) if base else "/"):
             # A plain GET of the WebSocket URL lands on the page rule.
+            log.warning("WebSocket %s refused (400): not a WebSocket upgrade request", request.path)
             abort(Response("This URL takes a WebSocket connection (Upgrade: websocket).\n",
                            status=400, mimetype="text/plain"))
         abort(404)
@@ -300,10 +301,12 @@ def ws(app_path: str = "") -> Response:
     server = _server()
     environ = request.environ
     if not websocket.is_websocket_request(environ):
+        log.warning("WebSocket %s refused (400): not a WebSocket upgrade request", request.path)
         return _refuse(400, "This URL takes a WebSocket connection (Upgrade: websocket).")
     try:
         websocket.validate_upgrade(environ)
     except websocket.HandshakeError as exc:
+        log.warning("WebSocket %s refused (%d): %s", request.path, exc.status, exc.reason)
         return _refuse(exc.status, exc.reason, exc.headers)
     origin = request.headers.get("Origin") or request.headers.get("Sec-WebSocket-Origin")
     allowlist = server.settings.allow_websocket_origin

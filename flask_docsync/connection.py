@@ -26,7 +26,9 @@ from .protocol import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_NORMAL,
     CLOSE_POLICY_VIOLATION,
+    CLOSE_PROTOCOL_ERROR,
     MessageDecoder,
+    check_content_depth,
     encode,
     protocol,
 )
@@ -205,7 +207,9 @@ class ServerConnection:
         except MessageTooBig as exc:
             log.warning("Session %s: connection %d closed 1009: %s", session.id, self.id, exc.reason)
         except ConnectionClosed as exc:
-            log.debug("Session %s: connection %d closed (%s %s)", session.id, self.id, exc.code, exc.reason)
+            # 1002/1007: a frame broke RFC 6455 (or the client says ours did).
+            level = logging.WARNING if exc.code in (CLOSE_PROTOCOL_ERROR, 1007) else logging.DEBUG
+            log.log(level, "Session %s: connection %d closed (%s %s)", session.id, self.id, exc.code, exc.reason)
         except ProtocolViolation as exc:
             log.warning(
                 "Session %s: connection %d closed with %d: %s", session.id, self.id, exc.code, exc.reason
@@ -242,7 +246,7 @@ class ServerConnection:
                 reply = self._dispatch(message)
         except (gevent.GreenletExit, ProtocolViolation):
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in app code must not end the server
             log.error(
                 "Session %s: %s %s from connection %d failed: %r",
                 session.id, msgtype, msgid, self.id, exc, exc_info=True,
@@ -265,6 +269,8 @@ class ServerConnection:
         msgid = message.header["msgid"]
         if msgtype == "PULL-DOC-REQ":
             return session.handle_pull(message, self)
+        if msgtype in ("PATCH-DOC", "PUSH-DOC"):
+            check_content_depth(message)
         if msgtype == "PATCH-DOC":
             return session.handle_patch(message, self)
         if msgtype == "PUSH-DOC":

@@ -228,7 +228,7 @@ class ApplicationContext:
         try:
             with self.app_scope(None):
                 self.application.on_server_loaded(self.server_context)
-        except Exception:
+        except (Exception, SystemExit):
             log.exception("App %s: error in on_server_loaded", self.url)
 
     def run_unload_hook(self) -> None:
@@ -238,7 +238,7 @@ class ApplicationContext:
         try:
             with self.app_scope(None):
                 self.application.on_server_unloaded(self.server_context)
-        except Exception:
+        except (Exception, SystemExit):
             log.exception("App %s: error in on_server_unloaded", self.url)
 
     def create_session_if_needed(
@@ -291,9 +291,13 @@ class ApplicationContext:
                 with lock, compat.curdoc_as(doc):
                     # Bokeh's FunctionHandler does not patch curdoc; this does.
                     self.application.initialize_document(doc)
-        except Exception:
+        except (Exception, SystemExit) as exc:
             doc._session_context = None
             log.exception("App %s: session %s could not be created", self.url, session_id)
+            if isinstance(exc, SystemExit):
+                # Left as is, it would end the server (gevent re-raises
+                # SystemExit in the main greenlet); fail this session only.
+                raise RuntimeError(f"the app called sys.exit({exc.code!r})") from None
             raise
         for handler in self.application.handlers:
             if handler.failed:
@@ -315,7 +319,7 @@ class ApplicationContext:
         for handler in self.application.handlers:
             try:
                 aio.resolve(aio.resolve(compat.session_hook(handler, name)(context)))
-            except Exception:
+            except (Exception, SystemExit):
                 log.exception("App %s: session %s: error in %s", self.url, context.id, name)
 
     def discard_session(self, session: ServerSession, check: Callable[[], bool] | None = None) -> bool:
@@ -323,9 +327,15 @@ class ApplicationContext:
 
         :param check: Re-checked with the document lock held; the session
             is kept when it returns false (e.g. a client connected meanwhile).
-        :return: Whether the session was discarded.
+        :return: Whether the session was discarded. Called from a locked
+            callback of the session itself, it returns ``False`` and the
+            discard happens as soon as that callback has released the lock
+            (taking the lock there would wait forever).
         """
         if session.destroyed:
+            return False
+        if session._lock_owner is gevent.getcurrent():
+            gevent.spawn(self.discard_session, session, check)
             return False
         with session._lock:
             if check is not None and not check():

@@ -79,6 +79,13 @@ class DocSync:
         if "docsync" in app.extensions:
             raise ConfigurationError("DocSync is already initialized on this app.")
         settings = Settings.load(app.config, self._options)
+        if not settings.url_prefix and app.static_url_path == "/static" and app.has_static_folder:
+            raise ConfigurationError(
+                "With an empty DOCSYNC_URL_PREFIX, BokehJS is served at /static, where this app"
+                " already serves its own static folder. Create the app with"
+                " Flask(__name__, static_folder=None) (or another static_url_path), or give"
+                " DocSync a prefix such as '/docsync'."
+            )
         problems = deploy.problems(settings, deploy.worker_count())
         if problems:
             raise ConfigurationError(" ".join(problems))

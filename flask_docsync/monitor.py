@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _labels: weakref.WeakKeyDictionary[Any, tuple[Any, tuple[Any, ...]]] = weakref.WeakKeyDictionary()
+_last_report: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 _subscribed = False
 
 
@@ -46,8 +48,30 @@ def running(describe: Callable[..., str] | str, *args: Any) -> Iterator[None]:
             _labels[current] = previous
 
 
+def _blocked_at(info: list[str]) -> str:
+    """The innermost frame of the blocked greenlet, from gevent's report."""
+    lines = iter(info or [])
+    for line in lines:
+        if line.startswith("Blocked Stack"):
+            break
+    frames = []
+    for line in lines:
+        if not line.strip():
+            break
+        if line.strip().startswith("File"):
+            frames.append(line.strip())
+    return frames[-1] if frames else ""
+
+
 def _on_event(event: Any) -> None:
     if not isinstance(event, gevent.events.EventLoopBlocked):
+        return
+    # gevent reports again every period while the loop stays blocked; one
+    # block gets one warning.
+    now = time.monotonic()
+    last = _last_report.get(event.greenlet)
+    _last_report[event.greenlet] = now
+    if last is not None and now - last < 2.5 * event.blocking_time:
         return
     entry = _labels.get(event.greenlet)
     if entry is None:
@@ -55,7 +79,7 @@ def _on_event(event: Any) -> None:
     else:
         describe, args = entry
         label = describe(*args) if callable(describe) else describe
-    where = next((line.strip() for line in reversed(event.info or []) if line.strip().startswith("File")), "")
+    where = _blocked_at(event.info)
     log.warning(
         "%s blocked the event loop for more than %.1f s, stalling every other session of"
         " this worker. Move CPU-bound or blocking work off the loop with"

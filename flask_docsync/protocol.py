@@ -37,6 +37,12 @@ CLIENT_MESSAGE_TYPES = frozenset({"PULL-DOC-REQ", "PUSH-DOC", "PATCH-DOC", "SERV
 #: left holding server state for frames that will never come.
 MAX_BUFFERS = 10_000
 
+#: Deepest JSON nesting accepted in the content of a client's PATCH-DOC or
+#: PUSH-DOC. Bokeh's serializer gives up (RecursionError) at a little over
+#: 200 levels, so a value nested deeper could be stored but never sent
+#: again: the session could no longer be pulled.
+MAX_CONTENT_DEPTH = 128
+
 protocol = Protocol()
 
 Frame = "str | bytes"
@@ -49,6 +55,22 @@ def encode(message: Message[Any]) -> list[str | bytes]:
         frames.append(json.dumps(buffer.ref))
         frames.append(buffer.to_bytes())
     return frames
+
+
+def check_content_depth(message: Message[Any], limit: int = MAX_CONTENT_DEPTH) -> None:
+    """Raise ``ValueError`` when the message content nests deeper than ``limit``."""
+    text = message.content_json
+    if text.count("[") + text.count("{") <= limit:
+        return  # cannot be deeper: skip the walk for the usual small patch
+    stack = [(message.content, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise ValueError(f"message content nested more than {limit} levels deep")
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
 
 
 def _run_sync(coro: Any) -> Any:
@@ -84,6 +106,8 @@ class MessageDecoder:
             raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"unknown message type {exc}") from None
         except (ValueError, TypeError, AttributeError) as exc:
             raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"malformed message: {exc}") from None
+        except RecursionError:
+            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "malformed message: JSON nested too deeply") from None
         self._expect_header = message is not None
         if message is not None and message.msgtype not in CLIENT_MESSAGE_TYPES:
             raise ProtocolViolation(
@@ -101,6 +125,8 @@ class MessageDecoder:
             header = json.loads(fragment)
         except ValueError:
             raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "message header is not valid JSON") from None
+        except RecursionError:
+            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "message header: JSON nested too deeply") from None
         if not isinstance(header, dict) or "msgtype" not in header or "msgid" not in header:
             raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "message header needs 'msgid' and 'msgtype'")
         msgtype = header["msgtype"]

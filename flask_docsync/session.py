@@ -273,9 +273,14 @@ class ServerSession:
                     self.with_document_locked(fn)
         except gevent.GreenletExit:
             raise
-        except Exception:
+        except (Exception, SystemExit):
+            # SystemExit too: raised in a greenlet, gevent would re-raise it in
+            # the main greenlet and end the whole server.
             callback_stats["errors"] += 1
-            log.exception("%s raised; the session goes on", self._describe(callback))
+            log.exception(
+                "Session %s: error in %s %s; the session goes on",
+                self._id, type(callback).__name__, describe_callback(callback),
+            )
         finally:
             callback_stats["runs"] += 1
             callback_stats["seconds"] += time.perf_counter() - started
@@ -312,7 +317,7 @@ class ServerSession:
                 self.with_document_locked(
                     lambda: self._document.callbacks.trigger_event(ConnectionLost())
                 )
-        except Exception:
+        except (Exception, SystemExit):
             log.exception("Session %s: error in a connection_lost callback", self._id)
 
     def destroy(self) -> None:

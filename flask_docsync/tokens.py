@@ -7,26 +7,35 @@ passes them explicitly.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+import zlib
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from bokeh.server.util import check_allowlist
 from bokeh.util.token import (
+    _TOKEN_ZLIB_KEY,
+    _base64_decode,
+    _BytesDecoder,
     check_session_id_signature,
     check_token_signature,
     generate_jwt_token,
     generate_session_id,
     get_session_id,
-    get_token_payload,
 )
 
 from .config import TOKEN_SIZE_WARNING, Settings
 from .errors import TokenError
 
 log = logging.getLogger(__name__)
+
+#: Largest inflated token payload accepted. Real tokens carry query
+#: arguments and selected headers, and travel in an HTTP header that
+#: proxies cap at 8 KB.
+MAX_TOKEN_PAYLOAD = 1 << 20
 
 
 def _select(items: Mapping[str, str], include: tuple[str, ...] | None,
@@ -120,17 +129,26 @@ class TokenPolicy:
             raise TokenError("No session token was given (expected as the second WebSocket subprotocol).")
         try:
             session_id = get_session_id(token)
-            payload = get_token_payload(token)
         except Exception:
             raise TokenError("The session token is malformed.") from None
-        if not isinstance(payload, dict) or not session_id:
+        if not session_id:
             raise TokenError("The session token is malformed.")
+        # The signature first: the payload may be zlib-compressed, and a
+        # forged token must not make the server inflate anything.
         try:
             valid = check_token_signature(token, secret_key=self._secret, signed=self._signed)
         except Exception:
             valid = False
         if not valid:
             raise TokenError("Invalid token or session ID: the signature does not match this server's key.")
+        try:
+            payload = _token_payload(token)
+        except TokenError:
+            raise
+        except Exception:
+            raise TokenError("The session token is malformed.") from None
+        if not isinstance(payload, dict):
+            raise TokenError("The session token is malformed.")
         if "session_expiry" not in payload:
             raise TokenError("The session token has no expiry.")
         return session_id, payload
@@ -147,6 +165,26 @@ class TokenPolicy:
                 "Token is expired. Reload the page for a new one, or raise"
                 " --session-token-expiration (DOCSYNC_SESSION_TOKEN_EXPIRATION)."
             )
+
+
+def _token_payload(token: str) -> dict[str, Any]:
+    """``bokeh.util.token.get_token_payload`` with a bound on the inflated size.
+
+    Bokeh inflates the zlib part of a token without a limit: 60 KB of header
+    would become tens of MB.
+    """
+    decoded = json.loads(_base64_decode(token.split(".")[0]))
+    if not isinstance(decoded, dict):
+        raise ValueError("not a JSON object")
+    packed = decoded.pop(_TOKEN_ZLIB_KEY, None)
+    if packed is not None:
+        inflater = zlib.decompressobj()
+        data = inflater.decompress(_base64_decode(packed), MAX_TOKEN_PAYLOAD)
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise TokenError(f"The session token's payload is over {MAX_TOKEN_PAYLOAD} bytes or truncated.")
+        decoded.update(json.loads(data, cls=_BytesDecoder))
+    decoded.pop("session_id", None)
+    return decoded
 
 
 def _netloc(scheme: str, netloc: str) -> str:

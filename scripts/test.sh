@@ -17,6 +17,21 @@ if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then
   fi
 fi
 
+# nginx for tests/test_deploy.py (a real proxy in front of two gunicorns). Not
+# fatal: without it those tests skip. RUNLEVEL=1 keeps the package from
+# starting a system nginx on port 80; the tests run their own.
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "Installing Debian nginx for the deployment tests..."
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    { $SUDO apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $SUDO apt-get install -y -qq nginx >/dev/null; } \
+      || echo "could not install nginx; the nginx deployment test will be skipped" >&2
+  else
+    echo "nginx is missing and apt-get is not available; the nginx deployment test will be skipped" >&2
+  fi
+fi
+
 "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test]"
 
 exec "$PYTHON" -m pytest "$@"

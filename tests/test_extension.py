@@ -160,3 +160,12 @@ def test_registration_errors_are_instructive(tmp_path):
         docsync2.add_app("a/", hello)
     with pytest.raises(ConfigurationError, match="ends in 'ws'"):
         docsync2.add_app("/x/ws", hello)
+
+
+def test_empty_prefix_with_the_apps_own_static_folder_is_refused():
+    docsync = DocSync(url_prefix="")
+    with pytest.raises(ConfigurationError, match="static_folder=None"):
+        docsync.init_app(Flask(__name__))
+    app = Flask(__name__, static_folder=None)
+    docsync.init_app(app)
+    assert app.test_client().get("/static/js/bokeh.min.js").status_code == 200

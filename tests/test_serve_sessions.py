@@ -215,7 +215,7 @@ def fails(doc):
 def works(doc):
     doc.add_root(Div(text="works", name="works"))
 
-app = Flask(__name__)
+app = Flask(__name__, static_folder=None)
 docsync.init_app(app)
 WSGIServer(("127.0.0.1", int(sys.argv[1])), app).serve_forever()
 '''

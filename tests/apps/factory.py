@@ -23,7 +23,8 @@ def fn_app(doc):
 
 
 def create_app():
-    app = Flask(__name__)
+    # BokehJS is served at /static (empty prefix), so the app has no static folder of its own.
+    app = Flask(__name__, static_folder=None)
     if os.environ.get("TEST_SECRET"):
         app.config["DOCSYNC_SECRET_KEY"] = os.environ["TEST_SECRET"]
     if "/sliders" not in docsync.routes:
