@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import gc
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -103,21 +104,30 @@ class _NoFullCollect:
         return 0
 
 
+def _no_referrers(*objects: Any) -> list[Any]:
+    return []
+
+
 def destroy_document(doc: Any, session: Any) -> None:
     """``Document.destroy(session)`` without its full garbage collection.
 
-    Bokeh runs ``gc.collect()`` for every destroyed document; with a large
-    heap that costs hundreds of milliseconds per session and stalls every
-    other session on the event loop. The document's reference cycles are
-    left to Python's automatic collector instead. ``destroy`` does no I/O,
-    so no other greenlet can observe the swap.
+    Bokeh runs ``gc.collect()`` for every destroyed document, and
+    ``gc.get_referrers()`` for every script module (a diagnostic check);
+    both scan the whole heap, which with a large heap costs tens to hundreds
+    of milliseconds per session and stalls every other session on the event
+    loop. The document's reference cycles are left to Python's automatic
+    collector instead (tests/test_leaks.py checks that they are collected).
+    ``destroy`` does no I/O, so no other greenlet can observe the swap.
     """
     real_gc = _bokeh_document.gc
+    real_get_referrers = gc.get_referrers
     _bokeh_document.gc = _NoFullCollect  # type: ignore[assignment]
+    gc.get_referrers = _no_referrers
     try:
         doc.destroy(session)
     finally:
         _bokeh_document.gc = real_gc
+        gc.get_referrers = real_get_referrers
 
 
 def session_hook(handler: Any, name: str) -> Any:

@@ -8,6 +8,7 @@ its WebSockets cleanly when the worker is told to stop.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import signal
 import sys
@@ -54,17 +55,31 @@ def on_stop_signal(callback: Callable[[str], None]) -> bool:
     worker = gunicorn_worker()
     if worker is None:
         return False
+    # gunicorn ends the worker as soon as its last request is done, which can
+    # be before the callback has run every hook (sessions need no open
+    # request); the worker's exit waits for the callbacks, at most for the
+    # graceful timeout.
+    wait = float(getattr(worker.cfg, "graceful_timeout", 30) or 30)
+    atexit.register(_join_stopping, wait)
     for name in _STOP_SIGNALS:
         signum = getattr(signal, name)
         previous = signal.getsignal(signum)
 
         def handler(sig: int, frame: Any, previous: Any = previous, name: str = name) -> None:
-            gevent.spawn(callback, name)
+            _stopping.append(gevent.spawn(callback, name))
             if callable(previous):
                 previous(sig, frame)
 
         signal.signal(signum, handler)
     return True
+
+
+_stopping: list[gevent.Greenlet] = []
+
+
+def _join_stopping(timeout: float) -> None:
+    if _stopping:
+        gevent.joinall(_stopping, timeout=timeout)
 
 
 def problems(settings: Any, workers: int) -> list[str]:
