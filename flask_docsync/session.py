@@ -19,6 +19,7 @@ from bokeh.document.locking import UnlockedDocumentProxy
 from bokeh.events import ConnectionLost
 
 from . import aio, compat, monitor
+from .fastpatch import encode_patch
 from .protocol import encode, protocol
 from .scheduler import CallbackScheduler
 
@@ -229,7 +230,7 @@ class ServerSession:
                 # the whole document, so there is nothing to serialize now.
                 continue
             try:
-                frames = encode(protocol.create("PATCH-DOC", [event]))
+                frames = encode_patch(event) or encode(protocol.create("PATCH-DOC", [event]))
             except Exception:
                 log.exception("Session %s: could not serialize %r", self._id, event)
                 continue
