@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 #: After a slow client's queue overflows, how long the writer may take to
 #: finish its current message and send the close frame before TCP is cut.
 OVERFLOW_GRACE = 5.0
+#: Frames written together at most, so one batch stays a bounded write.
+MAX_BATCH_FRAMES = 256
 #: Keep-alive pings that may go unanswered before a peer is taken for dead.
 MISSED_PONGS_ALLOWED = 2
 
@@ -167,9 +169,12 @@ class ServerConnection:
 
     def _write_loop(self) -> None:
         ws = self.ws
+        queue = self._queue
+        item: Any = None
         try:
             while True:
-                item = self._queue.get()
+                if item is None:
+                    item = queue.get()
                 if item is _STOP:
                     return
                 if isinstance(item, _Close):
@@ -177,9 +182,20 @@ class ServerConnection:
                     return
                 if isinstance(item, tuple):
                     ws.ping(item[1])
+                    item = None
                     continue
+                # Whole messages queued meanwhile (a patch and its OK, a
+                # callback's several patches) go out in one write.
+                frames = list(item)
+                item = None
+                while len(frames) < MAX_BATCH_FRAMES and not queue.empty():
+                    item = queue.get_nowait()
+                    if not isinstance(item, list):
+                        break
+                    frames.extend(item)
+                    item = None
                 self._sending = True
-                ws.send_many(item)
+                ws.send_many(frames)
                 self._sending = False
         except gevent.GreenletExit:
             raise

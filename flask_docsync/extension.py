@@ -91,7 +91,7 @@ class DocSync:
             raise ConfigurationError(" ".join(problems))
         server = DocSyncServer(
             settings,
-            app_scope=functools.partial(_app_scope, app),
+            app_scope=_make_app_scope(app),
             resolver=self._resolve,
             known_routes=lambda: list(self._targets),
         )
@@ -193,19 +193,26 @@ class DocSync:
             raise ConfigurationError("DocSync is not initialized on this app; call docsync.init_app(app).") from None
 
 
-def _app_scope(app: Flask, data: RequestData | None) -> Any:
-    """The Flask app context app code runs in.
+def _make_app_scope(app: Flask) -> Callable[[RequestData | None], Any]:
+    """``scope(request)``: the Flask app context app code runs in.
 
     It carries a URL adapter bound to the request that created the session,
     so ``url_for`` works in callbacks (also ``_external=True``) without the
-    cost of a whole request context per callback.
+    cost of a whole request context per callback. Adapters are shared by
+    sessions of the same host and prefix.
     """
-    ctx = app.app_context()
-    if data is not None and data.host:
-        ctx.url_adapter = app.url_map.bind(
-            data.host, script_name=data.script_root or "/", url_scheme=data.protocol
-        )
-    return ctx
+
+    @functools.lru_cache(maxsize=256)
+    def adapter(host: str, script_root: str, scheme: str) -> Any:
+        return app.url_map.bind(host, script_name=script_root or "/", url_scheme=scheme)
+
+    def scope(data: RequestData | None) -> Any:
+        ctx = app.app_context()
+        if data is not None and data.host:
+            ctx.url_adapter = adapter(data.host, data.script_root, data.protocol)
+        return ctx
+
+    return scope
 
 
 def _encode_arguments(arguments: Mapping[str, Any]) -> dict[str, list[bytes]]:

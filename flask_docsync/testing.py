@@ -747,29 +747,38 @@ class TestSession:
         # Runs in the connection's writer greenlet; it must never raise.
         from .protocol import _run_sync
 
+        # One write may carry several whole messages, as on a real socket.
+        messages = []
         try:
             message = None
             for frame in frames:
                 message = _run_sync(self._receiver.consume(frame))
+                if message is not None:
+                    messages.append(message)
             if message is None:
                 self._problems.append(f"an incomplete message: {frames[:1]!r}")
                 return
-            received = ReceivedMessage(
-                msgtype=message.msgtype,
-                content=json.loads(message.content_json),
-                header=dict(message.header),
-                metadata=dict(message.metadata),
-                buffers={b.id: b.to_bytes() for b in message.buffers},
-                message=message,
-            )
         except Exception as exc:
             self._problems.append(f"a message the browser cannot decode ({exc!r}): {frames[:3]!r}")
             return
-        self._received.append(received)
-        self._apply(received)
-        reqid = received.reqid
-        if reqid is not None and reqid in self._waiting:
-            self._waiting.pop(reqid).set(received)
+        for message in messages:
+            try:
+                received = ReceivedMessage(
+                    msgtype=message.msgtype,
+                    content=json.loads(message.content_json),
+                    header=dict(message.header),
+                    metadata=dict(message.metadata),
+                    buffers={b.id: b.to_bytes() for b in message.buffers},
+                    message=message,
+                )
+                self._received.append(received)
+                self._apply(received)
+            except Exception as exc:
+                self._problems.append(f"a message the browser cannot apply ({exc!r}): {message!r}")
+                continue
+            reqid = received.reqid
+            if reqid is not None and reqid in self._waiting:
+                self._waiting.pop(reqid).set(received)
 
     def _apply(self, received: ReceivedMessage) -> None:
         from . import compat
