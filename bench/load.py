@@ -45,7 +45,6 @@ import asyncio
 import atexit
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
