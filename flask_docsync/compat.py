@@ -70,6 +70,19 @@ def install() -> None:
         _stack.set(_stack.get() + tuple(current))
 
 
+def save_curdoc() -> Any:
+    """This greenlet's curdoc stack, for :func:`restore_curdoc` (``None`` on Bokeh 3.10)."""
+    if isinstance(_bokeh_io_doc._PATCHED_CURDOCS, _ContextCurdocStack):
+        return _stack.get()
+    return None
+
+
+def restore_curdoc(saved: Any) -> None:
+    """Undo what a raising callback left on the curdoc stack (see :func:`curdoc_guard`)."""
+    if saved is not None:
+        _stack.set(saved)
+
+
 @contextlib.contextmanager
 def curdoc_guard() -> Iterator[None]:
     """Restore this greenlet's curdoc stack on exit.

@@ -10,11 +10,10 @@ running, and a hint to move the work off the loop with :func:`offload`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import gevent
@@ -29,23 +28,29 @@ _last_report: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary(
 _subscribed = False
 
 
-@contextlib.contextmanager
-def running(describe: Callable[..., str] | str, *args: Any) -> Iterator[None]:
-    """Name what the current greenlet runs, for blocking reports.
+class running:
+    """``with running(describe, *args):`` names what the current greenlet runs.
 
-    :param describe: The name, or a function called with ``args`` to make
-        it, so nothing is formatted unless a report needs it.
+    For blocking reports. ``describe`` is the name, or a function called
+    with ``args`` to make it, so nothing is formatted unless a report needs
+    it. A class rather than a generator: this wraps every callback.
     """
-    current = gevent.getcurrent()
-    previous = _labels.get(current)
-    _labels[current] = (describe, args)
-    try:
-        yield
-    finally:
-        if previous is None:
-            _labels.pop(current, None)
+
+    __slots__ = ("_entry", "_greenlet", "_previous")
+
+    def __init__(self, describe: Callable[..., str] | str, *args: Any) -> None:
+        self._entry = (describe, args)
+
+    def __enter__(self) -> None:
+        self._greenlet = current = gevent.getcurrent()
+        self._previous = _labels.get(current)
+        _labels[current] = self._entry
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is None:
+            _labels.pop(self._greenlet, None)
         else:
-            _labels[current] = previous
+            _labels[self._greenlet] = self._previous
 
 
 def _blocked_at(info: list[str]) -> str:

@@ -7,6 +7,7 @@ Transport-neutral: a connection is any object with ``send_frames(frames)``
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 import weakref
@@ -56,6 +57,58 @@ def describe_callback(callback: Any) -> str:
     fn = getattr(callback, "callback", callback)
     fn = getattr(fn, "__wrapped__", fn)
     return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+class _DocumentLock:
+    """``with session._locked():`` holds the document lock.
+
+    On entry it blocks expiration and takes the lock; on exit it sends the
+    patches collected meanwhile (also when the body raised: Bokeh 3.9 drops
+    them), restores this greenlet's curdoc stack and releases. A class
+    rather than a generator: this runs for every callback and message.
+    """
+
+    __slots__ = ("_session", "_curdoc")
+
+    def __init__(self, session: ServerSession) -> None:
+        self._session = session
+
+    def __enter__(self) -> None:
+        session = self._session
+        current = gevent.getcurrent()
+        if session._lock_owner is current:
+            raise RuntimeError(
+                f"Session {session._id}: the document lock is already held by this code;"
+                " call the function directly instead of through with_document_locked."
+            )
+        session.block_expiration()
+        try:
+            session._lock.acquire()
+        except BaseException:
+            session.unblock_expiration()
+            raise
+        session._lock_owner = current
+        if session._pending is not None:
+            session._lock_owner = None
+            session._lock.release()
+            session.unblock_expiration()
+            raise RuntimeError(
+                "internal class invariant violated: pending writes should be None"
+                " when the lock is not held"
+            )
+        session._pending = []
+        self._curdoc = compat.save_curdoc()
+
+    def __exit__(self, *exc: Any) -> None:
+        session = self._session
+        try:
+            pending, session._pending = session._pending, None
+            session._lock_owner = None
+            compat.restore_curdoc(self._curdoc)
+            session._flush(pending)
+        finally:
+            session._lock.release()
+            session.unblock_expiration()
 
 
 class ServerSession:
@@ -173,33 +226,8 @@ class ServerSession:
         self._connections.discard(connection)
         self._last_unsubscribe = _now_ms()
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        if self._lock_owner is gevent.getcurrent():
-            raise RuntimeError(
-                f"Session {self._id}: the document lock is already held by this code;"
-                " call the function directly instead of through with_document_locked."
-            )
-        self.block_expiration()
-        try:
-            with self._lock, compat.curdoc_guard():
-                self._lock_owner = gevent.getcurrent()
-                if self._pending is not None:
-                    raise RuntimeError(
-                        "internal class invariant violated: pending writes should be None"
-                        " when the lock is not held"
-                    )
-                self._pending = []
-                try:
-                    yield
-                finally:
-                    # Patches made before an exception still reach the clients
-                    # (Bokeh 3.9 drops them).
-                    pending, self._pending = self._pending, None
-                    self._lock_owner = None
-                    self._flush(pending)
-        finally:
-            self.unblock_expiration()
+    def _locked(self) -> _DocumentLock:
+        return _DocumentLock(self)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[Document]:
@@ -220,7 +248,13 @@ class ServerSession:
             log.debug("Session %s: ignoring locked call on a destroyed session", self._id)
             return None
         with self._locked():
-            return aio.resolve(func(*args, **kwargs))
+            result = func(*args, **kwargs)
+            if inspect.isawaitable(result):
+                # The coroutine runs on the asyncio loop in a copy of this
+                # context: make it carry the right curdoc.
+                with compat.curdoc_as(self._document):
+                    result = aio.resolve(result)
+            return result
 
     def _flush(self, pending: list[tuple[DocumentPatchedEvent, Subscriber | None]]) -> None:
         for event, skip in pending:
@@ -262,15 +296,15 @@ class ServerSession:
         nolock = getattr(fn, "nolock", False)
         if self._destroyed:
             return
-        doc = self._document
         started = time.perf_counter()
         try:
-            with monitor.running(self._describe, callback), self._app_scope(), compat.curdoc_as(
-                UnlockedDocumentProxy(doc) if nolock else doc
-            ):
+            with monitor.running(self._describe, callback), self._app_scope():
                 if nolock:
-                    aio.resolve(fn())
+                    with compat.curdoc_as(UnlockedDocumentProxy(self._document)):
+                        aio.resolve(fn())
                 else:
+                    # Bokeh's own wrapper of fn sets curdoc; the lock restores
+                    # the curdoc stack if fn raises.
                     self.with_document_locked(fn)
         except gevent.GreenletExit:
             raise
