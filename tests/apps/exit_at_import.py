@@ -1,0 +1,5 @@
+"""A script app that calls sys.exit() in its module body, on every session."""
+
+import sys
+
+sys.exit(3)
