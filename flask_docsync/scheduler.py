@@ -22,6 +22,20 @@ _get_ident = gevent.monkey.get_original("_thread", "get_ident")
 KILL_TIMEOUT = 5.0
 
 
+def from_other_thread(hub: Any, thread: int, method: Callable[..., Any], *args: Any) -> bool:
+    """Queue ``method(*args)`` to ``hub`` when called from an OS thread other than ``thread``.
+
+    A real thread may hand work to a session with ``add_next_tick_callback``;
+    gevent objects are not thread-safe, so the work runs in the hub's thread.
+
+    :return: Whether the call was queued (the caller then returns at once).
+    """
+    if _get_ident() == thread:
+        return False
+    hub.loop.run_callback_threadsafe(method, *args)
+    return True
+
+
 class _Entry:
     __slots__ = ("greenlet", "running")
 
@@ -57,13 +71,7 @@ class CallbackScheduler:
         return len(self._entries)
 
     def _from_other_thread(self, method: Callable[..., Any], *args: Any) -> bool:
-        if _get_ident() == self._thread:
-            return False
-        # A real thread may hand work to a session with
-        # add_next_tick_callback; gevent objects are not thread-safe, so the
-        # work is queued to the hub's own thread.
-        self._hub.loop.run_callback_threadsafe(method, *args)
-        return True
+        return from_other_thread(self._hub, self._thread, method, *args)
 
     def add(self, callback: SessionCallback) -> None:
         """Start scheduling ``callback`` (a Bokeh ``SessionCallback``)."""

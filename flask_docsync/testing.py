@@ -52,6 +52,7 @@ from bokeh.core.serialization import Serializable
 
 from .apps import normalize_route
 from .errors import ConfigurationError, DocSyncError, SessionError, UnknownApplication
+from .scheduler import _get_ident, from_other_thread
 
 if TYPE_CHECKING:
     from bokeh.document import Document
@@ -79,7 +80,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_get_ident = gevent.monkey.get_original("_thread", "get_ident")
 
 #: Callbacks that may run at one virtual instant before
 #: :meth:`VirtualTimeScheduler.advance` decides they schedule each other forever.
@@ -198,10 +198,7 @@ class VirtualTimeScheduler:
         return [(max(e.due - self._now, 0.0), e.callback) for e in entries]
 
     def _from_other_thread(self, method: Callable[..., Any], *args: Any) -> bool:
-        if _get_ident() == self._thread:
-            return False
-        self._hub.loop.run_callback_threadsafe(method, *args)
-        return True
+        return from_other_thread(self._hub, self._thread, method, *args)
 
     def add(self, callback: SessionCallback) -> None:
         """Schedule ``callback`` (a Bokeh ``SessionCallback``) from the current virtual time."""

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import serve_util
 import websocket
 from bokeh.util.token import get_session_id, get_token_payload
 
@@ -72,14 +73,7 @@ def gunicorn(workers: int, *extra: str, **env: str) -> RunningServer:
 
 def wait_until(probe: Callable[[], Any], timeout: float = WAIT, interval: float = 0.05,
                message: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"{message} not reached in {timeout} s; last value: {last!r}")
+    return serve_util.wait_until(probe, timeout, interval, message)
 
 
 def alive(pid: int) -> bool:
