@@ -126,3 +126,14 @@ def log_has_line(server: RunningServer, *parts: str, timeout: float = 10.0) -> s
         return wait_until(probe, timeout=timeout, message=f"log line with {parts!r}")
     except AssertionError:
         raise AssertionError(f"no log line contains all of {parts!r}:\n{server.log()[-4000:]}") from None
+
+
+def sliders_ws_url(server: RunningServer) -> str:
+    return server.ws_url + "/sliders/ws"
+
+
+def connected(server: RunningServer) -> tuple[WireClient, str, dict]:
+    """A new /sliders session after a completed handshake: (client, session id, doc)."""
+    token = fetch_token(server.url + "/sliders")
+    client = WireClient(sliders_ws_url(server), token)
+    return client, session_id_of(token), client.handshake().content["doc"]

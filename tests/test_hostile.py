@@ -40,29 +40,42 @@ import gevent
 import gevent.socket
 import pytest
 import websocket
-from bokeh.util.token import _TOKEN_ZLIB_KEY, _base64_encode, generate_jwt_token, generate_session_id
+from bokeh.util.token import (
+    _TOKEN_ZLIB_KEY,
+    _base64_encode,
+    generate_jwt_token,
+    generate_session_id,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from flask_docsync.errors import ProtocolViolation
-from flask_docsync.protocol import CLIENT_MESSAGE_TYPES, MAX_BUFFERS, MAX_CONTENT_DEPTH, MessageDecoder, protocol
-from flask_docsync.tokens import MAX_TOKEN_PAYLOAD
-from flask_docsync.websocket import ConnectionClosed, WebSocket, _valid_close_code
 from reliability_util import HealthyClient, raw_request, stats, under_attack
 from serve_util import (
     APPS,
     assert_server_healthy,
     attr,
     changed,
+    connected,
     events_of,
     log_has_line,
     model_id,
     pull_doc,
     session_id_of,
+    sliders_ws_url,
     start_server,
     value_patch,
 )
 from wire import WireClient, fetch_token
+
+from flask_docsync.errors import ProtocolViolation
+from flask_docsync.protocol import (
+    CLIENT_MESSAGE_TYPES,
+    MAX_BUFFERS,
+    MAX_CONTENT_DEPTH,
+    MessageDecoder,
+    protocol,
+)
+from flask_docsync.tokens import MAX_TOKEN_PAYLOAD
+from flask_docsync.websocket import ConnectionClosed, WebSocket, _valid_close_code
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ws_apps.rawclient import build_frame, close_payload  # noqa: E402
@@ -89,15 +102,7 @@ def signed_server():
     s.stop()
 
 
-def ws_url(server) -> str:
-    return server.ws_url + "/sliders/ws"
-
-
-def connected(server) -> tuple[WireClient, str, dict]:
-    """A new /sliders session after a completed handshake: (client, session id, doc)."""
-    token = fetch_token(server.url + "/sliders")
-    client = WireClient(ws_url(server), token)
-    return client, session_id_of(token), client.handshake().content["doc"]
+ws_url = sliders_ws_url
 
 
 def unique_id() -> str:

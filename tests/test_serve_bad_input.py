@@ -14,16 +14,16 @@ import uuid
 import pytest
 import websocket
 from bokeh.util.token import generate_jwt_token, generate_session_id
-
 from serve_util import (
     APPS,
     assert_server_healthy,
     attr,
     changed,
+    connected,
     events_of,
     log_has_line,
     model_id,
-    session_id_of,
+    sliders_ws_url,
     start_server,
     value_patch,
 )
@@ -54,16 +54,7 @@ def origin_server():
     s.stop()
 
 
-def ws_url(server) -> str:
-    return server.ws_url + "/sliders/ws"
-
-
-def connected(server) -> tuple[WireClient, str, dict]:
-    """A new session on /sliders after a completed handshake: (client, session id, doc)."""
-    token = fetch_token(server.url + "/sliders")
-    client = WireClient(ws_url(server), token)
-    doc = client.handshake().content["doc"]
-    return client, session_id_of(token), doc
+ws_url = sliders_ws_url
 
 
 def refused(server, token: str | None, **kwargs) -> websocket.WebSocketBadStatusException:
