@@ -334,6 +334,13 @@ async def lifecycle(
     w = Window(server)
     with w:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+    result = await _with_cleanup(server, w, lat, errors)
+    result["rate_per_s"] = len(lat) / w.wall
+    return result
+
+
+async def _with_cleanup(server: Server, w: Window, lat: list[float], errors: Errors) -> dict[str, Any]:
+    """Wait until the server has cleaned up, then CPU per op (cleanup included) and latencies."""
     waited, quiet = await wait_quiet(server, CLEANUP_WAIT, 120)
     cpu_all = server.cpu() - w.cpu0
     ops = max(len(lat), 1)
@@ -343,7 +350,6 @@ async def lifecycle(
         "cpu_window_ms": 1000 * w.server_cpu / ops,
         "p50_ms": 1000 * pct(lat, 50),
         "p99_ms": 1000 * pct(lat, 99),
-        "rate_per_s": len(lat) / w.wall,
         "cleanup_wait_s": waited,
         "quiet": quiet,
         "client_cpu_pct": w.client_cpu_pct,
@@ -369,21 +375,7 @@ async def page_get(server: Server, app: str, n: int, limit_s: float, timeout: fl
                 lat.append(now() - t0)
             except Exception as exc:
                 errors.add(exc)
-    waited, quiet = await wait_quiet(server, CLEANUP_WAIT, 120)
-    cpu_all = server.cpu() - w.cpu0
-    ops = max(len(lat), 1)
-    return {
-        "ops": len(lat),
-        "cpu_ms": 1000 * cpu_all / ops,
-        "cpu_window_ms": 1000 * w.server_cpu / ops,
-        "p50_ms": 1000 * pct(lat, 50),
-        "p99_ms": 1000 * pct(lat, 99),
-        "cleanup_wait_s": waited,
-        "quiet": quiet,
-        "client_cpu_pct": w.client_cpu_pct,
-        "errors": errors.count,
-        "error_samples": errors.samples,
-    }
+    return await _with_cleanup(server, w, lat, errors)
 
 
 async def round_trip(

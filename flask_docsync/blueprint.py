@@ -130,6 +130,14 @@ def authorize(route: str) -> tuple[Any, Response | None]:
     return result, None
 
 
+def _authorized(route: str) -> Any:
+    """The user :func:`authorize` allows; otherwise the request ends with its refusal."""
+    user, refusal = authorize(route)
+    if refusal is not None:
+        abort(refusal)
+    return user
+
+
 def _session_for_http(route: str, user: Any = None):
     """Create or join the session of a page or autoload.js request (Bokeh's rules)."""
     server = _server()
@@ -179,9 +187,7 @@ def _error_response(exc: Exception) -> Response:
 
 def page(app_path: str = "") -> Response:
     route = _app_route(app_path)
-    user, refusal = authorize(route)
-    if refusal is not None:
-        return refusal
+    user = _authorized(route)
     try:
         session, _ = _session_for_http(route, user)
     except (SessionError, UnknownApplication) as exc:
@@ -220,9 +226,7 @@ def autoload_js(app_path: str = "") -> Response:
     if absolute_url:
         parsed = urlparse(absolute_url)
         server_url = f"{parsed.scheme}://{parsed.netloc}"
-    user, refusal = authorize(route)
-    if refusal is not None:
-        return refusal
+    user = _authorized(route)
     try:
         session, token = _session_for_http(route, user)
     except (SessionError, UnknownApplication) as exc:
@@ -245,9 +249,7 @@ def autoload_js(app_path: str = "") -> Response:
 
 def metadata(app_path: str = "") -> Response:
     route = _app_route(app_path)
-    _, refusal = authorize(route)
-    if refusal is not None:
-        return refusal
+    _authorized(route)
     context = _server().get_context(route)
     data = context.application.metadata
     if callable(data):
