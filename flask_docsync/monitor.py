@@ -80,10 +80,11 @@ def _on_event(event: Any) -> None:
         return
     entry = _labels.get(event.greenlet)
     if entry is None:
-        label = getattr(event.greenlet, "name", None) or repr(event.greenlet)
-    else:
-        describe, args = entry
-        label = describe(*args) if callable(describe) else describe
+        # Not app code run for a session (e.g. the host's own startup or a
+        # test driving the app): nothing of ours to name.
+        return
+    describe, args = entry
+    label = describe(*args) if callable(describe) else describe
     where = _blocked_at(event.info)
     log.warning(
         "%s blocked the event loop for more than %.1f s, stalling every other session of"
