@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 from bokeh.document.events import ColumnsPatchedEvent, ColumnsStreamedEvent, ModelChangedEvent
-from bokeh.util.serialization import array_encoding_disabled, transform_array
+from bokeh.util.serialization import BINARY_ARRAY_TYPES, array_encoding_disabled, transform_array
 
 # JavaScript numbers hold integers exactly up to 2**53; Bokeh sends larger
 # ones as floats with a warning, which the generic path keeps doing.
@@ -32,6 +32,13 @@ _ids = itertools.count(1)
 
 _ORDER = sys.byteorder
 _dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+# A JSON string literal, non-ASCII kept as is (what ensure_ascii=False writes).
+_string = json.encoder.encode_basestring
+
+# Native-order arrays of these types are sent exactly as they are:
+# Bokeh's transform_array leaves them unchanged (no datetime or 64-bit
+# integer conversion), so the copy can be taken without calling it.
+_AS_IS = frozenset(BINARY_ARRAY_TYPES)
 
 
 class _Fallback(Exception):
@@ -53,6 +60,23 @@ def _scalar(value: Any) -> Any:
             return {"type": "number", "value": "-inf" if value < 0 else "+inf"}
         return value
     raise _Fallback
+
+
+def _column_json(value: Any, buffers: list[tuple[str, bytes]]) -> str:
+    """:func:`_column` written straight to JSON text (the streaming hot path)."""
+    if (
+        type(value) is np.ndarray
+        and value.ndim == 1
+        and value.dtype in _AS_IS
+        and value.flags.c_contiguous
+    ):
+        buffer_id = f"d{next(_ids)}"
+        buffers.append((buffer_id, value.tobytes()))
+        return (
+            '{"type":"ndarray","array":{"type":"bytes","data":{"id":"' + buffer_id + '"}},"shape":['
+            + str(value.shape[0]) + '],"dtype":"' + value.dtype.name + '","order":"' + _ORDER + '"}'
+        )
+    return _dumps(_column(value, buffers))
 
 
 def _column(value: Any, buffers: list[tuple[str, bytes]]) -> Any:
@@ -95,17 +119,33 @@ def _map(items: Any) -> dict[str, Any]:
     return {"type": "map", "entries": entries} if entries else {"type": "map"}
 
 
-def _event_json(event: Any, buffers: list[tuple[str, bytes]]) -> dict[str, Any]:
+def _event_text(event: Any, buffers: list[tuple[str, bytes]]) -> str:
+    """The JSON text of one event. The two commonest kinds are written
+    directly, without building the dicts first; the key order is Bokeh's."""
     kind = type(event)
     if kind is ModelChangedEvent:
-        return {"kind": "ModelChanged", "model": event.model.ref, "attr": event.attr,
-                "new": _scalar(event.new)}
+        return (
+            '{"kind":"ModelChanged","model":{"id":' + _string(event.model.id) + '},"attr":'
+            + _string(event.attr) + ',"new":' + _dumps(_scalar(event.new)) + "}"
+        )
     if kind is ColumnsStreamedEvent:
-        if type(event.data) is not dict or type(event.rollover) not in (int, type(None)):
+        rollover = event.rollover
+        if type(event.data) is not dict or type(rollover) not in (int, type(None)):
             raise _Fallback
-        data = _map([_scalar(k), _column(v, buffers)] for k, v in event.data.items())
-        return {"kind": "ColumnsStreamed", "model": event.model.ref, "attr": event.attr,
-                "data": data, "rollover": event.rollover}
+        entries = ",".join(
+            "[" + _dumps(_scalar(k)) + "," + _column_json(v, buffers) + "]" for k, v in event.data.items()
+        )
+        data = '{"type":"map","entries":[' + entries + "]}" if entries else '{"type":"map"}'
+        return (
+            '{"kind":"ColumnsStreamed","model":{"id":' + _string(event.model.id) + '},"attr":'
+            + _string(event.attr) + ',"data":' + data + ',"rollover":'
+            + ("null" if rollover is None else str(rollover)) + "}"
+        )
+    return _dumps(_event_json(event, buffers))
+
+
+def _event_json(event: Any, buffers: list[tuple[str, bytes]]) -> dict[str, Any]:
+    kind = type(event)
     if kind is ColumnsPatchedEvent:
         if type(event.patches) is not dict:
             raise _Fallback
@@ -134,10 +174,10 @@ def encode_patch(event: Any) -> list[str | bytes] | None:
     """The frames of a one-event PATCH-DOC message, or ``None`` to use Bokeh's path."""
     buffers: list[tuple[str, bytes]] = []
     try:
-        content = _dumps({"events": [_event_json(event, buffers)]})
+        content = '{"events":[' + _event_text(event, buffers) + "]}"
     except (_Fallback, ValueError, TypeError):
         return None
-    header = _dumps({"msgid": f"d{next(_ids)}", "msgtype": "PATCH-DOC", "num_buffers": len(buffers)})
+    header = '{"msgid":"d' + str(next(_ids)) + '","msgtype":"PATCH-DOC","num_buffers":' + str(len(buffers)) + "}"
     frames: list[str | bytes] = [header, "{}", content]
     for buffer_id, data in buffers:
         frames.append('{"id":"' + buffer_id + '"}')
