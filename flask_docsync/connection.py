@@ -197,6 +197,9 @@ class ServerConnection:
                 self._sending = True
                 ws.send_many(frames)
                 self._sending = False
+                # Not kept while waiting: an idle connection would hold its
+                # last message (often the whole PULL-DOC-REPLY) for good.
+                del frames
         except gevent.GreenletExit:
             raise
         except Exception as exc:
@@ -274,12 +277,15 @@ class ServerConnection:
             # Created outside the except block: Bokeh's ERROR message would
             # otherwise attach the server's traceback for the client to read.
             reply = protocol.create("ERROR", msgid, error_text)
-        self.send_message(reply)
+        if isinstance(reply, list):
+            self.send_frames(reply)
+        else:
+            self.send_message(reply)
 
     def _describe(self, msgtype: str) -> str:
         return f"Session {self.session.id}: {msgtype} from connection {self.id}"
 
-    def _dispatch(self, message: Message[Any]) -> Message[Any]:
+    def _dispatch(self, message: Message[Any]) -> Message[Any] | list[str | bytes]:
         session = self.session
         msgtype = message.msgtype
         msgid = message.header["msgid"]
