@@ -7,7 +7,8 @@ serializer builds a reference for every model of the document for each of
 them. :func:`encode_patch` writes those events directly, producing the
 same JSON and binary buffers Bokeh would (``tests/test_fastpatch.py``
 compares the two on many inputs), and returns ``None`` for anything else,
-which then takes Bokeh's own path.
+which then takes Bokeh's own path. :func:`ok_frames` does the same for the
+OK reply every client patch gets.
 """
 
 from __future__ import annotations
@@ -183,3 +184,15 @@ def encode_patch(event: Any) -> list[str | bytes] | None:
         frames.append('{"id":"' + buffer_id + '"}')
         frames.append(data)
     return frames
+
+
+def ok_frames(reqid: Any) -> list[str | bytes]:
+    """The frames of the OK reply to the client message ``reqid``.
+
+    The same message as ``protocol.create("OK", reqid)``, which costs about
+    as much as applying a small patch, without building it.
+    """
+    header = '{"msgid":"d' + str(next(_ids)) + '","msgtype":"OK","reqid":' + (
+        _string(reqid) if type(reqid) is str else _dumps(reqid)
+    ) + "}"
+    return [header, "{}", "{}"]

@@ -20,7 +20,7 @@ from bokeh.document.locking import UnlockedDocumentProxy
 from bokeh.events import ConnectionLost
 
 from . import aio, compat, monitor
-from .fastpatch import encode_patch
+from .fastpatch import encode_patch, ok_frames
 from .protocol import encode, protocol
 from .scheduler import CallbackScheduler
 
@@ -329,19 +329,19 @@ class ServerSession:
         with self._locked():
             return protocol.create("PULL-DOC-REPLY", message.header["msgid"], self._document)
 
-    def handle_push(self, message: Any, connection: Subscriber) -> Message[Any]:
+    def handle_push(self, message: Any, connection: Subscriber) -> list[str | bytes]:
         with self._app_scope(), self._locked():
             message.push_to_document(self._document)
-        return protocol.create("OK", message.header["msgid"])
+        return ok_frames(message.header["msgid"])
 
-    def handle_patch(self, message: Any, connection: Subscriber) -> Message[Any]:
+    def handle_patch(self, message: Any, connection: Subscriber) -> list[str | bytes]:
         with self._app_scope(), self._locked():
             self._current_patch_connection = connection
             try:
                 message.apply_to_document(self._document, self)
             finally:
                 self._current_patch_connection = None
-        return protocol.create("OK", message.header["msgid"])
+        return ok_frames(message.header["msgid"])
 
     def notify_connection_lost(self) -> None:
         """Trigger the document's ``connection_lost`` event."""

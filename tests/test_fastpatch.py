@@ -12,7 +12,7 @@ from bokeh.models import ColumnDataSource, Div, Slider
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flask_docsync.fastpatch import encode_patch
+from flask_docsync.fastpatch import encode_patch, ok_frames
 from flask_docsync.protocol import encode, protocol
 
 
@@ -139,3 +139,10 @@ def test_random_streams_match(floats, texts, ints, as_array):
     y = np.array(ints[:n]) if as_array else ints[:n]
     [event] = capture(doc, lambda: source.stream({"x": x, "y": y, "s": texts[:n]}))
     assert_same_as_bokeh(event)
+
+
+@pytest.mark.parametrize("reqid", ["m1", "1234", "é\"\\", 17])
+def test_ok_reply_matches(reqid):
+    fast = ok_frames(reqid)
+    assert normalized(fast) == normalized(encode(protocol.create("OK", reqid)))
+    assert len(fast) == 3

@@ -185,7 +185,8 @@ def test_patch_sends_callback_effect_once_serialized_to_all_and_suppresses_echo(
         json.dumps({"events": [{"kind": "ModelChanged", "model": {"id": slider.id}, "attr": "value", "new": 5}]}),
     )
     reply = session.handle_patch(msg, a)
-    assert reply.msgtype == "OK" and reply.header["reqid"] == "m1"
+    header = json.loads(reply[0])
+    assert header["msgtype"] == "OK" and header["reqid"] == "m1" and reply[1:] == ["{}", "{}"]
     assert [e["attr"] for e in a.events()] == ["text"]  # no echo of "value"
     assert sorted(e["attr"] for e in b.events()) == ["text", "value"]
     # the callback's patch is the very same frames object for both: serialized once
