@@ -24,8 +24,8 @@ from urllib.parse import urlparse
 
 from bokeh.core.templates import AUTOLOAD_JS
 from bokeh.embed.bundle import Script, bundle_for_objs_and_resources, extension_dirs
-from bokeh.embed.elements import script_for_render_items
-from bokeh.embed.server import server_html_page_for_session
+from bokeh.core.has_props import HasProps
+from bokeh.embed.elements import html_page_for_render_items, script_for_render_items
 from bokeh.embed.util import RenderItem
 from bokeh.resources import Resources
 from bokeh.settings import settings as bokeh_settings
@@ -86,6 +86,28 @@ def resources(server_url: str | None = None) -> Resources:
     base = server_url.rstrip("/") if server_url else ""
     root_url = f"{base}{request.script_root}{_server().settings.url_prefix}/"
     return Resources(mode=mode, root_url=root_url, path_versioner=version_path)
+
+
+#: Rendered BokehJS script and style tags of app pages, by what they depend on.
+_page_resources: dict[tuple[Any, ...], tuple[str, str]] = {}
+
+
+def page_resources(res: Resources) -> tuple[str, str]:
+    """The BokehJS ``<script>`` and ``<link>`` tags of an app page.
+
+    The same for every page served with the same resources, so they are
+    rendered once rather than for each session (a few milliseconds each).
+    The number of known model classes is part of the key because importing
+    a custom extension model adds that extension's script.
+    """
+    key = (res.mode, res.root_url, res.minified, res.log_level, len(HasProps.model_class_reverse_map))
+    tags = _page_resources.get(key)
+    if tags is None:
+        if len(_page_resources) >= 64:  # e.g. many Host names seen through a proxy
+            _page_resources.clear()
+        js, css = bundle_for_objs_and_resources(None, res)
+        tags = _page_resources[key] = (js, css)
+    return tags
 
 
 def request_data(user: Any = None) -> RequestData:
@@ -193,12 +215,12 @@ def page(app_path: str = "") -> Response:
     except (SessionError, UnknownApplication) as exc:
         return _error_response(exc)
     doc = session.document
-    html = server_html_page_for_session(
-        session,
-        resources=resources(),
-        title=doc.title,
-        template=doc.template,
-        template_variables=doc.template_variables,
+    # What bokeh.embed.server_html_page_for_session does, with the
+    # resources rendered once.
+    item = RenderItem(token=session.token, roots=doc.roots, use_for_title=True)
+    html = html_page_for_render_items(
+        page_resources(resources()), {}, [item], doc.title,
+        template=doc.template, template_variables=doc.template_variables or {},
     )
     return Response(html, mimetype="text/html")
 

@@ -70,6 +70,21 @@ def test_page_has_token_title_and_versioned_bokehjs(make_app):
     assert session.document.session_context.request.arguments == {"foo": [b"bar"]}
 
 
+def test_page_scripts_follow_the_prefix_and_are_rendered_once(make_app):
+    from flask_docsync import blueprint
+
+    app, _ = make_app()
+    blueprint._page_resources.clear()
+    client = app.test_client()
+    first = client.get("/docsync/hello").get_data(as_text=True)
+    second = client.get("/docsync/hello").get_data(as_text=True)
+    proxied = client.get("/docsync/hello", base_url="http://localhost/corp").get_data(as_text=True)
+    scripts = re.compile(r'<script src="[^"]*"></script>')
+    assert scripts.findall(first) == scripts.findall(second) != []
+    assert all("/corp/docsync/static/" in tag for tag in scripts.findall(proxied))
+    assert len(blueprint._page_resources) == 2  # one per root URL, not one per page
+
+
 def test_bokehjs_static_has_long_cache_when_versioned(make_app):
     app, _ = make_app()
     client = app.test_client()
