@@ -3,7 +3,11 @@
 The connection reads Bokeh messages in the greenlet that serves the
 WebSocket request and writes from one writer greenlet fed by a bounded
 queue, so a message's frames are never interleaved with another's and a
-slow client never blocks a callback or another connection.
+slow client never blocks a callback or another connection. The one
+exception is the reply to the client's own request, which the reader
+writes itself when nothing is queued or being written (see
+:meth:`ServerConnection._reply`); the WebSocket's write lock keeps the two
+writers' frames apart.
 
 ``ws`` is any object with ``receive()``, ``send_many(frames)``,
 ``ping(payload)``, ``close(code, reason)`` and ``abort()``; see
@@ -81,6 +85,7 @@ class ServerConnection:
         self._decoder = MessageDecoder()
         self._closing = False
         self._sending = False
+        self._replying = False
         self._ping_sent_at: float | None = None
         self._missed_pongs = 0
         self._ping_count = 0
@@ -223,6 +228,11 @@ class ServerConnection:
                 message = self._decoder.feed(fragment)
                 if message is not None:
                     self._handle(message)
+                    # Reading buffered data does not yield to the event loop:
+                    # a client that sends requests faster than they are
+                    # served would otherwise keep every other greenlet of
+                    # the worker waiting.
+                    gevent.sleep(0)
         except MessageTooBig as exc:
             log.warning("Session %s: connection %d closed 1009: %s", session.id, self.id, exc.reason)
         except ConnectionClosed as exc:
@@ -277,10 +287,33 @@ class ServerConnection:
             # Created outside the except block: Bokeh's ERROR message would
             # otherwise attach the server's traceback for the client to read.
             reply = protocol.create("ERROR", msgid, error_text)
-        if isinstance(reply, list):
-            self.send_frames(reply)
-        else:
-            self.send_message(reply)
+        self._reply(reply if isinstance(reply, list) else encode(reply))
+
+    def _reply(self, frames: list[str | bytes]) -> None:
+        """Send the reply to a request of this client, from the reader.
+
+        Handed to the writer greenlet, a reply would wait until every other
+        connection that became ready in this turn of the event loop had
+        been served, which on a busy worker doubles the latency of the
+        unluckiest requests. So when nothing is queued or being written it
+        is written here at once. The reader holds no document lock now, so
+        a full socket holds up only this client's own next request; and
+        whatever is queued meanwhile waits for the WebSocket's write lock.
+        """
+        if self._closing or self._sending or self._replying or not self._queue.empty():
+            self.send_frames(frames)
+            return
+        # Set apart from the writer's flag: the writer may be waiting for
+        # the write lock with messages queued before this reply.
+        self._replying = True
+        try:
+            self.ws.send_many(frames)
+        except Exception as exc:
+            # As in the writer: the next receive() sees the same failure.
+            log.debug("Session %s: connection %d write failed: %r", self.session.id, self.id, exc)
+            self._closing = True
+        finally:
+            self._replying = False
 
     def _describe(self, msgtype: str) -> str:
         return f"Session {self.session.id}: {msgtype} from connection {self.id}"

@@ -741,7 +741,7 @@ class TestSession:
             raise SessionClosed(self.close_code, self.close_reason)
 
     def _on_frames(self, frames: list[str | bytes]) -> None:
-        # Runs in the connection's writer greenlet; it must never raise.
+        # Runs in the connection's writer greenlet, or its reader for a reply; it must never raise.
         from .protocol import _run_sync
 
         # One write may carry several whole messages, as on a real socket.

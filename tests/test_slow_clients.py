@@ -14,6 +14,7 @@ The policies (README, "Reliability"):
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -27,6 +28,7 @@ from wire import WireClient, fetch_token
 
 FIREHOSE = APPS / "firehose.py"
 SLIDERS = APPS / "sliders.py"
+BIGDOC = APPS / "bigdoc.py"
 #: Per tick, at 20 Hz: 40 MB/s for each streaming session.
 TICK_KB = 2000
 QUEUE = 20
@@ -156,3 +158,52 @@ def test_dead_peers_are_closed_by_keepalive_and_their_sessions_reaped(serve):
     assert figures["connections"] == 0
     assert figures["live_sessions_in_process"] == 0
     assert figures["greenlets_scheduled"] == 0
+
+
+def test_client_that_does_not_read_its_replies_holds_up_only_itself(serve):
+    # Replies are written by the connection's reader when nothing is queued
+    # ahead of them. A client that keeps asking without reading must then
+    # stall only its own reader: not the session's document lock (another
+    # connection to the same session keeps working), not other sessions,
+    # and every reply still arrives, whole and in order, once it reads.
+    server = serve(SLIDERS, BIGDOC, "--keep-alive", "0")
+    token = fetch_token(f"{server.url}/bigdoc?kb=500")
+    with HealthyClient(server) as healthy:
+        greedy = WireClient.__new__(WireClient)
+        greedy.ws = websocket.create_connection(
+            f"{server.ws_url}/bigdoc/ws", subprotocols=["bokeh", token], timeout=30, suppress_origin=True,
+            sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024),),
+        )
+        doc = greedy.handshake().content["doc"]
+        slider = model_id(doc, "slider")
+        # Each PULL-DOC-REPLY carries the whole 500 kB document: 20 MB of
+        # them is far more than the server's send buffer (at most 4 MB on
+        # Linux by default) and the client's small receive buffer can hold.
+        sent = [greedy.send("PULL-DOC-REQ", {}) for _ in range(40)]
+        started = time.monotonic()
+        with WireClient(f"{server.ws_url}/bigdoc/ws", token, timeout=30) as same_session:
+            same_session.handshake()
+            reqid = same_session.send("PATCH-DOC", value_patch(slider, "value", 42), num_buffers=0)
+            reply, before = same_session.recv_until("OK", reqid)
+            assert any("value=42" in json.dumps(m.content) for m in before)
+        healthy.wait_for(healthy.count + 3)
+        assert healthy.completed_between(started, time.monotonic()) >= 3
+
+        # Reading now, it gets its replies in order: all of them, or as many
+        # as fitted before its queue overflowed and it was closed with 1008
+        # (which of the two depends on how far ahead its requests ran).
+        received: list[str] = []
+        close = None
+        while len(received) < len(sent):
+            opcode, data = greedy.ws.recv_data()
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                close = (int.from_bytes(data[:2], "big"), data[2:].decode())
+                break
+            if opcode == websocket.ABNF.OPCODE_TEXT and data.startswith(b'{"msgid"'):
+                header = json.loads(data)
+                if header.get("msgtype") == "PULL-DOC-REPLY":
+                    received.append(header["reqid"])
+        greedy.close()
+        assert received == sent[: len(received)] and received
+        assert close is None or close == (1008, "client too slow: outbound queue full"), close
+        print(f"greedy client: {len(received)} of {len(sent)} replies, close {close}")
