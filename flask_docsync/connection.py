@@ -228,11 +228,12 @@ class ServerConnection:
                 message = self._decoder.feed(fragment)
                 if message is not None:
                     self._handle(message)
-                    # Reading buffered data does not yield to the event loop:
-                    # a client that sends requests faster than they are
-                    # served would otherwise keep every other greenlet of
-                    # the worker waiting.
-                    gevent.sleep(0)
+                    if getattr(self.ws, "buffered", False):
+                        # Parsing what is already buffered never yields to
+                        # the event loop: a client that sends requests faster
+                        # than they are served would keep every other
+                        # greenlet of the worker waiting.
+                        gevent.sleep(0)
         except MessageTooBig as exc:
             log.warning("Session %s: connection %d closed 1009: %s", session.id, self.id, exc.reason)
         except ConnectionClosed as exc:

@@ -598,6 +598,14 @@ class WebSocket:
             rfile=rfile,
         )
 
+    @property
+    def buffered(self) -> bool:
+        """Whether received bytes are waiting to be parsed, so the next
+        :meth:`receive` may return without waiting for (or yielding to)
+        the network.
+        """
+        return len(self._buf) > self._pos
+
     def receive(self, timeout: float | None = None) -> str | bytes | None:
         """Wait for the next whole message from the client: ``str`` for a
         text message, ``bytes`` for a binary one.

@@ -207,3 +207,35 @@ def test_client_that_does_not_read_its_replies_holds_up_only_itself(serve):
         assert received == sent[: len(received)] and received
         assert close is None or close == (1008, "client too slow: outbound queue full"), close
         print(f"greedy client: {len(received)} of {len(sent)} replies, close {close}")
+
+
+def test_a_burst_of_requests_does_not_keep_the_worker_to_itself(serve):
+    # 3000 requests arrive in one write, so the server finds them all
+    # buffered. Serving them must still let the rest of the worker run: a
+    # patch sent by another connection of the same session right after the
+    # burst is applied while the burst is being served, and its broadcast
+    # reaches the flooding connection before the burst's last reply.
+    server = serve(SLIDERS, "--keep-alive", "0")
+    token = fetch_token(f"{server.url}/sliders")
+    with WireClient(f"{server.ws_url}/sliders/ws", token, timeout=60) as flood, \
+            WireClient(f"{server.ws_url}/sliders/ws", token, timeout=60) as other:
+        slider = model_id(flood.handshake().content["doc"], "slider")
+        other.handshake()
+        frames = []
+        for n in range(3000):
+            header = json.dumps({"msgid": f"f{n}", "msgtype": "SERVER-INFO-REQ"}).encode()
+            frames += [build_frame(1, header), build_frame(1, b"{}"), build_frame(1, b"{}")]
+        flood.ws.sock.sendall(b"".join(frames))
+        reqid = other.send("PATCH-DOC", value_patch(slider, "value", 7), num_buffers=0)
+        other.recv_until("OK", reqid)
+
+        replies_before_patch = None
+        replies = 0
+        while replies < 3000:
+            message = flood.recv()
+            if message.msgtype == "SERVER-INFO-REPLY":
+                replies += 1
+            elif message.msgtype == "PATCH-DOC" and replies_before_patch is None:
+                replies_before_patch = replies
+    print(f"burst: the other connection's patch arrived after {replies_before_patch} of 3000 replies")
+    assert replies_before_patch is not None and replies_before_patch < 3000
