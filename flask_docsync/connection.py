@@ -85,7 +85,6 @@ class ServerConnection:
         self._decoder = MessageDecoder()
         self._closing = False
         self._sending = False
-        self._replying = False
         self._ping_sent_at: float | None = None
         self._missed_pongs = 0
         self._ping_count = 0
@@ -179,7 +178,12 @@ class ServerConnection:
         try:
             while True:
                 if item is None:
+                    self._sending = False
                     item = queue.get()
+                # Busy from taking an item until the next wait, pings and
+                # closes included: a reply must not overtake what the
+                # writer has already taken (see _reply).
+                self._sending = True
                 if item is _STOP:
                     return
                 if isinstance(item, _Close):
@@ -199,18 +203,39 @@ class ServerConnection:
                         break
                     frames.extend(item)
                     item = None
-                self._sending = True
                 ws.send_many(frames)
-                self._sending = False
                 # Not kept while waiting: an idle connection would hold its
                 # last message (often the whole PULL-DOC-REPLY) for good.
                 del frames
         except gevent.GreenletExit:
             raise
         except Exception as exc:
-            # The reader sees the same broken socket and ends the connection.
+            self._write_failed(exc)
+
+    def _write_failed(self, exc: Exception) -> None:
+        """End the connection after a failed write.
+
+        Part of a message may have gone out, so the stream cannot go on.
+        Aborting the transport makes the reader's next receive() fail too
+        (a broken socket would anyway, an encoding error would not) and the
+        writer is told to stop, so the reader's cleanup need not wait for it.
+        """
+        from .websocket import ConnectionClosed
+
+        if isinstance(exc, (OSError, ConnectionClosed)):
             log.debug("Session %s: connection %d write failed: %r", self.session.id, self.id, exc)
-            self._closing = True
+        else:
+            log.error("Session %s: connection %d: could not send a message; closing it",
+                      self.session.id, self.id, exc_info=exc)
+        self._closing = True
+        while True:
+            try:
+                self._queue.get_nowait()
+            except gevent.queue.Empty:
+                break
+        self._queue.put_nowait(_STOP)
+        if not getattr(self.ws, "closed", False):
+            self.ws.abort()
 
     def run(self) -> None:
         """Serve the connection until it closes; call from the request greenlet."""
@@ -301,20 +326,13 @@ class ServerConnection:
         a full socket holds up only this client's own next request; and
         whatever is queued meanwhile waits for the WebSocket's write lock.
         """
-        if self._closing or self._sending or self._replying or not self._queue.empty():
+        if self._closing or self._sending or not self._queue.empty():
             self.send_frames(frames)
             return
-        # Set apart from the writer's flag: the writer may be waiting for
-        # the write lock with messages queued before this reply.
-        self._replying = True
         try:
             self.ws.send_many(frames)
         except Exception as exc:
-            # As in the writer: the next receive() sees the same failure.
-            log.debug("Session %s: connection %d write failed: %r", self.session.id, self.id, exc)
-            self._closing = True
-        finally:
-            self._replying = False
+            self._write_failed(exc)
 
     def _describe(self, msgtype: str) -> str:
         return f"Session {self.session.id}: {msgtype} from connection {self.id}"

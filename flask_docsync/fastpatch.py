@@ -32,9 +32,11 @@ _MAX_SAFE_INT = 2**53 - 1
 _ids = itertools.count(1)
 
 _ORDER = sys.byteorder
-_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
-# A JSON string literal, non-ASCII kept as is (what ensure_ascii=False writes).
-_string = json.encoder.encode_basestring
+# ASCII-only output: a lone surrogate in a str (valid in JSON, which a client
+# can send) has no UTF-8 encoding, so kept as is it would fail the send.
+_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+# A JSON string literal, as _dumps writes it.
+_string = json.encoder.encode_basestring_ascii
 
 # Native-order arrays of these types are sent exactly as they are:
 # Bokeh's transform_array leaves them unchanged (no datetime or 64-bit
@@ -192,7 +194,13 @@ def ok_frames(reqid: Any) -> list[str | bytes]:
     The same message as ``protocol.create("OK", reqid)``, which costs about
     as much as applying a small patch, without building it.
     """
-    header = '{"msgid":"d' + str(next(_ids)) + '","msgtype":"OK","reqid":' + (
-        _string(reqid) if type(reqid) is str else _dumps(reqid)
-    ) + "}"
+    if type(reqid) is str:
+        header = '{"msgid":"d' + str(next(_ids)) + '","msgtype":"OK","reqid":' + _string(reqid) + "}"
+    else:
+        # Any other JSON value the client used as its msgid, as Bokeh writes
+        # it (no reqid key for null).
+        fields = {"msgid": f"d{next(_ids)}", "msgtype": "OK"}
+        if reqid is not None:
+            fields["reqid"] = reqid
+        header = json.dumps(fields)
     return [header, "{}", "{}"]

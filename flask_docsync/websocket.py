@@ -90,6 +90,13 @@ _DATA_OPCODES = frozenset((_OP_CONTINUATION, _OP_TEXT, _OP_BINARY))
 _CONTROL_OPCODES = frozenset((_OP_CLOSE, _OP_PING, _OP_PONG))
 
 _READ_SIZE = 64 * 1024
+
+# Reading data that has already arrived never yields to the event loop, so
+# receive() gives other greenlets a turn after this many frames or bytes:
+# otherwise a client streaming control frames, empty continuation frames or
+# large messages faster than they are parsed would hold the whole worker.
+_YIELD_FRAMES = 64
+_YIELD_BYTES = 1024 * 1024
 # Payloads up to this size are joined with their header into one buffer;
 # copying them is cheaper than an extra sendall call. Larger ones are
 # written by themselves so they are never copied.
@@ -490,6 +497,8 @@ class WebSocket:
 
         self._buf = bytearray(buffered)
         self._pos = 0
+        self._turn_frames = 0
+        self._turn_bytes = 0
         # A frame whose payload is only partly read, kept here so that a
         # receive() timeout never loses data: (fin, opcode, mask, length).
         self._frame: tuple[bool, int, bytes, int] | None = None
@@ -650,6 +659,11 @@ class WebSocket:
                     return None
 
                 fin, opcode, payload = frame
+                self._turn_frames += 1
+                self._turn_bytes += len(payload)
+                if self._turn_frames >= _YIELD_FRAMES or self._turn_bytes >= _YIELD_BYTES:
+                    self._turn_frames = self._turn_bytes = 0
+                    gevent.sleep(0)
 
                 if self.closed:
                     # close() was called by another greenlet while this one

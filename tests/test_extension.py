@@ -70,9 +70,13 @@ def test_page_has_token_title_and_versioned_bokehjs(make_app):
     assert session.document.session_context.request.arguments == {"foo": [b"bar"]}
 
 
-def test_page_scripts_follow_the_prefix_and_are_rendered_once(make_app):
+def test_page_scripts_follow_the_prefix_and_are_rendered_once(make_app, monkeypatch):
     from flask_docsync import blueprint
 
+    renders = []
+    bundle = blueprint.bundle_for_objs_and_resources
+    monkeypatch.setattr(blueprint, "bundle_for_objs_and_resources",
+                        lambda objs, res: renders.append(res.root_url) or bundle(objs, res))
     app, _ = make_app()
     blueprint._page_resources.clear()
     client = app.test_client()
@@ -82,7 +86,7 @@ def test_page_scripts_follow_the_prefix_and_are_rendered_once(make_app):
     scripts = re.compile(r'<script src="[^"]*"></script>')
     assert scripts.findall(first) == scripts.findall(second) != []
     assert all("/corp/docsync/static/" in tag for tag in scripts.findall(proxied))
-    assert len(blueprint._page_resources) == 2  # one per root URL, not one per page
+    assert renders == ["/docsync/", "/corp/docsync/"]  # once per root URL, not once per page
 
 
 def test_bokehjs_static_has_long_cache_when_versioned(make_app):

@@ -141,8 +141,20 @@ def test_random_streams_match(floats, texts, ints, as_array):
     assert_same_as_bokeh(event)
 
 
-@pytest.mark.parametrize("reqid", ["m1", "1234", "é\"\\", 17])
+@pytest.mark.parametrize("reqid", ["m1", "1234", "é\"\\", 17, None, 1.5])
 def test_ok_reply_matches(reqid):
     fast = ok_frames(reqid)
     assert normalized(fast) == normalized(encode(protocol.create("OK", reqid)))
     assert len(fast) == 3
+
+
+def test_lone_surrogates_are_escaped_so_the_frames_can_be_sent(doc):
+    # Valid JSON from a client ("\ud800") gives Python a str that has no
+    # UTF-8 encoding; written as is it would make the send itself fail.
+    div = doc.select_one({"name": "div"})
+    [event] = capture(doc, lambda: setattr(div, "text", "a\ud800b"))
+    for frames in (encode_patch(event), ok_frames("x\udfff")):
+        for frame in frames:
+            if isinstance(frame, str):
+                frame.encode("utf-8")
+    assert json.loads(encode_patch(event)[2])["events"][0]["new"] == "a\ud800b"

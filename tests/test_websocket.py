@@ -740,3 +740,40 @@ def test_unit_one_reader_at_a_time(pair):
         ws.receive()
     client.send_frame(1, b"for the first reader")
     assert reader.get(timeout=5) == "for the first reader"
+
+
+@pytest.mark.parametrize(
+    "flood, messages",
+    [
+        # 20,000 empty pongs, then one text message: receive() returns once.
+        ([(0xA, b"")] * 20_000 + [(0x1, b"done")], 1),
+        # Four 600 kB binary messages already arrived: four receive() calls.
+        ([(0x2, b"x" * 600_000)] * 4, 4),
+    ],
+    ids=["control-frames", "large-messages"],
+)
+def test_reading_what_has_already_arrived_gives_other_greenlets_a_turn(pair, flood, messages):
+    # Parsing bytes that are already buffered never waits on the socket, so
+    # without an explicit yield nothing else in the worker would run until
+    # the flood was parsed.
+    from ws_apps.rawclient import build_frame
+
+    ws, _client = pair(buffered=b"".join(build_frame(op, payload) for op, payload in flood))
+    turns = 0
+
+    def other_session():
+        nonlocal turns
+        while True:
+            turns += 1
+            gevent.sleep(0)
+
+    ticker = gevent.spawn(other_session)
+    try:
+        gevent.sleep(0)
+        before = turns
+        received = [ws.receive() for _ in range(messages)]
+        during = turns - before
+    finally:
+        ticker.kill()
+    assert len(received) == messages and received[-1] in ("done", b"x" * 600_000)
+    assert during > 0

@@ -1,0 +1,134 @@
+"""ServerConnection's two writers (the writer greenlet and the reader's
+replies) against a scripted WebSocket, for orderings a real socket makes
+hard to arrange."""
+
+from __future__ import annotations
+
+import gevent
+import gevent.lock
+import gevent.queue
+import pytest
+
+from flask_docsync.connection import ServerConnection
+from flask_docsync.websocket import ConnectionClosed
+
+
+class ScriptedSession:
+    id = "session-under-test"
+
+    def subscribe(self, connection) -> None:
+        pass
+
+    def unsubscribe(self, connection) -> None:
+        pass
+
+    def notify_connection_lost(self) -> None:
+        pass
+
+
+class ScriptedWebSocket:
+    """Records what is written, under one write lock as the real layer does.
+
+    ``stall[kind]`` makes writes of that kind ("message" or "ping") wait that
+    long while holding the lock, as a send to a full socket does;
+    ``fail_with`` makes the next message write raise.
+    """
+
+    def __init__(self) -> None:
+        self.lock = gevent.lock.RLock()
+        self.wire: list = []
+        self.closed = False
+        self.aborted = False
+        self.stall: dict[str, float] = {}
+        self.fail_with: BaseException | None = None
+        self.inbox: gevent.queue.Queue = gevent.queue.Queue()
+
+    def _write(self, kind: str, what: list) -> None:
+        with self.lock:
+            if self.closed:
+                raise ConnectionClosed(1006, "closed")
+            if kind in self.stall:
+                gevent.sleep(self.stall[kind])
+            if kind == "message" and self.fail_with is not None:
+                exc, self.fail_with = self.fail_with, None
+                raise exc
+            self.wire.extend(what)
+
+    def send_many(self, frames) -> None:
+        # Each test message is a single frame, so the wire shows messages.
+        self._write("message", list(frames))
+
+    def ping(self, payload: bytes) -> None:
+        self._write("ping", ["ping"])
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        if not self.closed:
+            self.closed = True
+            self.wire.append(f"close {code}")
+
+    def abort(self) -> None:
+        self.closed = self.aborted = True
+        self.inbox.put(ConnectionClosed(1006, "aborted"))
+
+    def receive(self):
+        item = self.inbox.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+@pytest.fixture
+def connection():
+    made = []
+
+    def make(ws: ScriptedWebSocket) -> ServerConnection:
+        conn = ServerConnection(ws, ScriptedSession(), max_queue=16)
+        made.append(conn)
+        return conn
+
+    yield make
+    for conn in made:
+        conn._writer.kill()
+
+
+def test_a_reply_never_overtakes_what_the_writer_already_took(connection):
+    # A keep-alive ping is stuck on a full socket; the reader then replies
+    # with the document as it is (R), and a callback changes the document
+    # (P). The client must get R before P, or it would apply P to a copy
+    # that R then replaces with the older state.
+    ws = ScriptedWebSocket()
+    ws.stall["ping"] = 0.05
+    conn = connection(ws)
+    conn.keepalive()
+    gevent.sleep(0.01)  # the writer is inside the ping
+    reader = gevent.spawn(conn._reply, ["R"])
+    gevent.sleep(0.01)
+    conn.send_frames(["P"])
+    reader.join()
+    gevent.sleep(0.1)
+    assert ws.wire == ["ping", "R", "P"]
+
+
+def test_a_reply_goes_out_at_once_when_nothing_is_queued(connection):
+    ws = ScriptedWebSocket()
+    conn = connection(ws)
+    gevent.sleep(0)  # let the writer start and wait
+    conn._reply(["R"])
+    assert ws.wire == ["R"]  # written by the reader itself, no turn of the loop needed
+
+
+@pytest.mark.parametrize("failure", [ConnectionClosed(1006, "reset"), UnicodeEncodeError("utf-8", "\ud800", 0, 1, "x")],
+                         ids=["socket-gone", "unsendable"])
+def test_a_failed_reply_ends_the_connection_without_waiting_for_the_writer(connection, failure):
+    ws = ScriptedWebSocket()
+    conn = connection(ws)
+    runner = gevent.spawn(conn.run)  # sends ACK through the writer, then reads
+    gevent.sleep(0.01)
+    ws.fail_with = failure
+    conn._reply(["R"])
+    if isinstance(failure, ConnectionClosed):
+        ws.inbox.put(failure)  # the reader's next receive() sees the broken socket
+    else:
+        assert ws.aborted  # nothing else would wake the reader
+    runner.join(timeout=4)  # the writer's grace period is 5 s
+    assert runner.dead and conn._writer.dead
