@@ -129,12 +129,15 @@ class ServerConnection:
         self._closing = True
         self._drop_queue_and_close(CLOSE_POLICY_VIOLATION, "client too slow: outbound queue full")
 
-    def _drop_queue_and_close(self, code: int, reason: str) -> None:
+    def _drop_queue(self) -> None:
         while True:
             try:
                 self._queue.get_nowait()
             except gevent.queue.Empty:
                 break
+
+    def _drop_queue_and_close(self, code: int, reason: str) -> None:
+        self._drop_queue()
         self._queue.put_nowait(_Close(code, reason))
         gevent.spawn_later(OVERFLOW_GRACE, self._abort_if_stuck)
 
@@ -228,11 +231,7 @@ class ServerConnection:
             log.error("Session %s: connection %d: could not send a message; closing it",
                       self.session.id, self.id, exc_info=exc)
         self._closing = True
-        while True:
-            try:
-                self._queue.get_nowait()
-            except gevent.queue.Empty:
-                break
+        self._drop_queue()
         self._queue.put_nowait(_STOP)
         if not getattr(self.ws, "closed", False):
             self.ws.abort()

@@ -144,22 +144,20 @@ def _event_text(event: Any, buffers: list[tuple[str, bytes]]) -> str:
             + _string(event.attr) + ',"data":' + data + ',"rollover":'
             + ("null" if rollover is None else str(rollover)) + "}"
         )
-    return _dumps(_event_json(event, buffers))
-
-
-def _event_json(event: Any, buffers: list[tuple[str, bytes]]) -> dict[str, Any]:
-    kind = type(event)
     if kind is ColumnsPatchedEvent:
-        if type(event.patches) is not dict:
-            raise _Fallback
-        patches = _map(
-            [_scalar(column), [_pair(pair, buffers) for pair in changes]]
-            for column, changes in event.patches.items()
-            if type(changes) is list or _fallback()
-        )
-        return {"kind": "ColumnsPatched", "model": event.model.ref, "attr": event.attr,
-                "patches": patches}
+        return _dumps(_patched_json(event, buffers))
     raise _Fallback
+
+
+def _patched_json(event: ColumnsPatchedEvent, buffers: list[tuple[str, bytes]]) -> dict[str, Any]:
+    if type(event.patches) is not dict:
+        raise _Fallback
+    patches = _map(
+        [_scalar(column), [_pair(pair, buffers) for pair in changes]]
+        for column, changes in event.patches.items()
+        if type(changes) is list or _fallback()
+    )
+    return {"kind": "ColumnsPatched", "model": event.model.ref, "attr": event.attr, "patches": patches}
 
 
 def _pair(pair: Any, buffers: list[tuple[str, bytes]]) -> list[Any]:

@@ -71,62 +71,48 @@ def unique_id() -> str:
 # Protocol violations: close 1002
 
 
-def test_malformed_json_header(server):
-    client, sid, _ = connected(server)
+def closes_with_1002(server, send, reason: str) -> None:
+    """``send(client, doc)`` breaks the protocol: the connection is closed with
+    1002, the log names the session and ``reason``, the server stays healthy."""
+    client, sid, doc = connected(server)
     with client:
-        client.send_raw("{not json", "{}", "{}")
+        send(client, doc)
         assert client.expect_close()[0] == 1002
-    log_has_line(server, sid, "closed with 1002", "header is not valid JSON")
+    log_has_line(server, sid, "closed with 1002", reason)
     assert_server_healthy(server)
+
+
+def test_malformed_json_header(server):
+    closes_with_1002(server, lambda c, doc: c.send_raw("{not json", "{}", "{}"), "header is not valid JSON")
 
 
 def test_binary_frame_where_header_expected(server):
-    client, sid, _ = connected(server)
-    with client:
-        client.send_raw(b'{"msgid": "x", "msgtype": "PULL-DOC-REQ"}')
-        assert client.expect_close()[0] == 1002
-    log_has_line(server, sid, "closed with 1002", "expected a text frame")
-    assert_server_healthy(server)
+    closes_with_1002(server, lambda c, doc: c.send_raw(b'{"msgid": "x", "msgtype": "PULL-DOC-REQ"}'),
+                     "expected a text frame")
 
 
 def test_text_frame_where_buffer_expected(server):
-    client, sid, doc = connected(server)
-    with client:
+    def send(client, doc):
         header = {"msgid": "buf1", "msgtype": "PATCH-DOC", "num_buffers": 1}
         patch = value_patch(model_id(doc, "slider"), "value", 3)
         client.send_raw(json.dumps(header), "{}", json.dumps(patch), json.dumps({"id": "0"}), "not binary")
-        assert client.expect_close()[0] == 1002
-    log_has_line(server, sid, "closed with 1002", "malformed message")
-    assert_server_healthy(server)
+
+    closes_with_1002(server, send, "malformed message")
 
 
 def test_unknown_message_type(server):
-    client, sid, _ = connected(server)
-    with client:
-        client.send("NO-SUCH-TYPE", {})
-        assert client.expect_close()[0] == 1002
-    log_has_line(server, sid, "closed with 1002", "unknown message type 'NO-SUCH-TYPE'")
-    assert_server_healthy(server)
+    closes_with_1002(server, lambda c, doc: c.send("NO-SUCH-TYPE", {}), "unknown message type 'NO-SUCH-TYPE'")
 
 
 @pytest.mark.parametrize("msgtype", ["ACK", "OK"])
 def test_server_only_message_type_from_client(server, msgtype):
-    client, sid, _ = connected(server)
-    with client:
-        client.send(msgtype, {})
-        assert client.expect_close()[0] == 1002
-    log_has_line(server, sid, "closed with 1002", f"'{msgtype}' is sent by servers, not clients")
-    assert_server_healthy(server)
+    closes_with_1002(server, lambda c, doc: c.send(msgtype, {}), f"'{msgtype}' is sent by servers, not clients")
 
 
 @pytest.mark.parametrize("num_buffers", [10**9, -1, "many"])
 def test_absurd_num_buffers(server, num_buffers):
-    client, sid, _ = connected(server)
-    with client:
-        client.send_raw(json.dumps({"msgid": "nb", "msgtype": "PATCH-DOC", "num_buffers": num_buffers}))
-        assert client.expect_close()[0] == 1002
-    log_has_line(server, sid, "closed with 1002", "num_buffers must be an integer")
-    assert_server_healthy(server)
+    header = json.dumps({"msgid": "nb", "msgtype": "PATCH-DOC", "num_buffers": num_buffers})
+    closes_with_1002(server, lambda c, doc: c.send_raw(header), "num_buffers must be an integer")
 
 
 # A failing request: ERROR reply, the connection stays
