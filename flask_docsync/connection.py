@@ -75,14 +75,20 @@ class ServerConnection:
         the queue is full the client is too far behind to catch up: it is
         sent close 1008 (or cut off if it does not read even that) and the
         session stays, so the client can reconnect and pull a fresh copy.
+    :param max_message_size: The largest Bokeh message the client may send,
+        all its WebSocket messages together (see
+        :class:`~flask_docsync.protocol.MessageDecoder`); a larger one
+        closes the connection with 1009. ``None`` means no limit.
     """
 
-    def __init__(self, ws: Any, session: ServerSession, max_queue: int) -> None:
+    def __init__(
+        self, ws: Any, session: ServerSession, max_queue: int, max_message_size: int | None = None
+    ) -> None:
         self.id = next(_ids)
         self.ws = ws
         self.session = session
         self._queue: gevent.queue.Queue[Any] = gevent.queue.Queue(maxsize=max_queue)
-        self._decoder = MessageDecoder()
+        self._decoder = MessageDecoder(max_message_size)
         self._closing = False
         self._sending = False
         self._ping_sent_at: float | None = None

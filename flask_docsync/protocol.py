@@ -83,23 +83,93 @@ def _run_sync(coro: Any) -> Any:
     raise RuntimeError("bokeh.protocol.Receiver.consume suspended; this Bokeh is not supported")
 
 
+#: What each WebSocket message of a Bokeh message counts towards the size
+#: limit besides its bytes: about what keeping it costs the server, so a
+#: message of thousands of tiny buffers is bounded like any other.
+FRAGMENT_COST = 64
+
+
+def _wire_size(fragment: str | bytes) -> int:
+    if isinstance(fragment, str) and not fragment.isascii():
+        return len(fragment.encode("utf-8", "surrogatepass"))
+    return len(fragment)
+
+
 class MessageDecoder:
     """Assembles whole Bokeh messages from WebSocket messages, one at a time.
 
+    The fragments of a message are kept as they arrived until the last one
+    is in, and only then handed to Bokeh's receiver, which parses the
+    metadata and content: a client that sends a large content and then
+    never sends its buffers holds the server to the bytes it sent, not to
+    the several times larger parsed JSON.
+
     Every violation raises :class:`~flask_docsync.errors.ProtocolViolation`
-    with close code 1002; the caller ends the connection with it.
+    with close code 1002, or 1009 for a message over the size limit; the
+    caller ends the connection with it.
+
+    :param max_message_size: The largest Bokeh message in bytes, header,
+        metadata, content and every buffer together, plus
+        :data:`FRAGMENT_COST` per fragment. Each WebSocket message is
+        already under the transport's limit, but a Bokeh message is up to
+        3 + 2 × :data:`MAX_BUFFERS` of them, so without a limit of its own
+        one message could hold many times the configured size. ``None``
+        means no limit.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_message_size: int | None = None) -> None:
         self._receiver = Receiver(protocol)
-        self._expect_header = True
+        self._max_size = max_message_size
+        self._fragments: list[str | bytes] = []
+        self._expected = 0
+        self._size = 0
 
     def feed(self, fragment: str | bytes) -> Message[Any] | None:
         """Consume one WebSocket message; return a message when one is complete."""
-        if self._expect_header:
-            self._check_header(fragment)
+        fragments = self._fragments
+        position = len(fragments)
+        if position == 0:
+            self._expected = 3 + 2 * self._check_header(fragment)
+            self._size = 0
+        elif position < 3 or position % 2 == 1:
+            if not isinstance(fragment, str):
+                part = ("metadata", "content")[position - 1] if position < 3 else "buffer header"
+                raise ProtocolViolation(
+                    CLOSE_PROTOCOL_ERROR, f"malformed message: expected a text frame with the {part}"
+                )
+            if position >= 3:
+                self._check_buffer_header(fragment)
+        elif not isinstance(fragment, bytes):
+            raise ProtocolViolation(
+                CLOSE_PROTOCOL_ERROR, "malformed message: expected a binary frame with a buffer payload"
+            )
+        self._size += _wire_size(fragment) + FRAGMENT_COST
+        if self._max_size is not None and self._size > self._max_size:
+            fragments.clear()
+            raise ProtocolViolation(
+                CLOSE_TOO_BIG,
+                f"message over the limit of {self._max_size} bytes (header, metadata,"
+                " content and buffers together)",
+            )
+        fragments.append(fragment)
+        if len(fragments) < self._expected:
+            return None
+        self._fragments = []
+        message = None
+        for part in fragments:
+            message = self._consume(part)
+        if message is None:  # pragma: no cover - the receiver counts as we do
+            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "malformed message: incomplete")
+        if message.msgtype not in CLIENT_MESSAGE_TYPES:
+            raise ProtocolViolation(
+                CLOSE_PROTOCOL_ERROR,
+                f"message type {message.msgtype!r} is sent by servers, not clients",
+            )
+        return message
+
+    def _consume(self, fragment: str | bytes) -> Message[Any] | None:
         try:
-            message = _run_sync(self._receiver.consume(fragment))
+            return _run_sync(self._receiver.consume(fragment))
         except (MessageError, ProtocolError, ValidationError) as exc:
             raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"malformed message: {exc}") from None
         except KeyError as exc:
@@ -108,15 +178,19 @@ class MessageDecoder:
             raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"malformed message: {exc}") from None
         except RecursionError:
             raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "malformed message: JSON nested too deeply") from None
-        self._expect_header = message is not None
-        if message is not None and message.msgtype not in CLIENT_MESSAGE_TYPES:
-            raise ProtocolViolation(
-                CLOSE_PROTOCOL_ERROR,
-                f"message type {message.msgtype!r} is sent by servers, not clients",
-            )
-        return message
 
-    def _check_header(self, fragment: str | bytes) -> None:
+    @staticmethod
+    def _check_buffer_header(fragment: str) -> None:
+        # Checked on arrival, as Bokeh's receiver would, so a bad one is
+        # refused at once rather than when the whole message is in.
+        try:
+            header = json.loads(fragment)
+        except (ValueError, RecursionError):
+            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "malformed message: buffer header is not valid JSON") from None
+        if not isinstance(header, dict) or set(header) != {"id"}:
+            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"malformed message: Malformed buffer header {header!r}")
+
+    def _check_header(self, fragment: str | bytes) -> int:
         # Checked before Bokeh's receiver sees it so a bad header gets a clear
         # reason instead of a KeyError deep inside message assembly.
         if not isinstance(fragment, str):
@@ -132,8 +206,15 @@ class MessageDecoder:
         msgtype = header["msgtype"]
         if not isinstance(msgtype, str) or msgtype not in protocol._messages:
             raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"unknown message type {msgtype!r}")
+        if msgtype not in CLIENT_MESSAGE_TYPES:
+            # Refused before its content arrives: nothing of it is used.
+            raise ProtocolViolation(
+                CLOSE_PROTOCOL_ERROR,
+                f"message type {msgtype!r} is sent by servers, not clients",
+            )
         num_buffers = header.get("num_buffers", 0)
-        if not isinstance(num_buffers, int) or not 0 <= num_buffers <= MAX_BUFFERS:
+        if type(num_buffers) is not int or not 0 <= num_buffers <= MAX_BUFFERS:
             raise ProtocolViolation(
                 CLOSE_PROTOCOL_ERROR, f"num_buffers must be an integer from 0 to {MAX_BUFFERS}"
             )
+        return num_buffers

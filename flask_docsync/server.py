@@ -254,7 +254,10 @@ class DocSyncServer:
 
     def serve_connection(self, ws: Any, session: ServerSession) -> None:
         """Serve an accepted WebSocket until it closes."""
-        connection = ServerConnection(ws, session, self.settings.outbound_queue_size)
+        settings = self.settings
+        connection = ServerConnection(
+            ws, session, settings.outbound_queue_size, settings.websocket_max_message_size
+        )
         self.connections.add(connection)
         try:
             connection.run()

@@ -90,6 +90,9 @@ _DATA_OPCODES = frozenset((_OP_CONTINUATION, _OP_TEXT, _OP_BINARY))
 _CONTROL_OPCODES = frozenset((_OP_CLOSE, _OP_PING, _OP_PONG))
 
 _READ_SIZE = 64 * 1024
+# The payload of a frame that is not all buffered yet is read in chunks of
+# at most this size; each recv() allocates its full size for a moment.
+_PAYLOAD_READ_SIZE = 256 * 1024
 
 # Reading data that has already arrived never yields to the event loop, so
 # receive() gives other greenlets a turn after this many frames or bytes:
@@ -503,11 +506,11 @@ class WebSocket:
         # receive() timeout never loses data: (fin, opcode, mask, length).
         self._frame: tuple[bool, int, bytes, int] | None = None
         self._payload: bytearray | None = None
-        self._filled = 0
         # Fragments of the data message being reassembled.
         self._msg_opcode: int | None = None
-        self._msg_parts: list[bytes] = []
-        self._msg_size = 0
+        # One buffer, not a list of frames: a message sent as many tiny
+        # frames must not cost a Python object per frame.
+        self._msg_data = bytearray()
 
     @classmethod
     def accept(
@@ -717,18 +720,6 @@ class WebSocket:
 
         return self._until(deadline, recv)
 
-    def _recv_into(self, view: memoryview, deadline: float | None) -> int | None:
-        def recv_into() -> int:
-            try:
-                n = self._sock.recv_into(view)
-            except OSError as exc:
-                raise _Gone(f"the connection failed: {exc}") from exc
-            if not n:
-                raise _Gone("the client dropped the connection in the middle of a frame")
-            return n
-
-        return self._until(deadline, recv_into)
-
     @staticmethod
     def _until(deadline: float | None, read: t.Callable[[], _T]) -> _T | None:
         """Call ``read``, or return ``None`` if it is still waiting for data
@@ -812,7 +803,7 @@ class WebSocket:
             if (
                 opcode < _OP_CLOSE
                 and self.max_message_size is not None
-                and self._msg_size + length > self.max_message_size
+                and len(self._msg_data) + length > self.max_message_size
             ):
                 raise _Fail(
                     MESSAGE_TOO_BIG,
@@ -829,26 +820,24 @@ class WebSocket:
                 return fin, opcode, _unmask(mask, payload)
 
             self._frame = (fin, opcode, mask, length)
-            self._payload = bytearray(length)
-            self._payload[:available] = buf[pos:]
-            self._filled = available
+            # The payload grows as its bytes arrive and is never allocated
+            # from the declared length: a header announcing megabytes must
+            # not commit megabytes before they are sent.
+            self._payload = bytearray(buf[pos:])
             del buf[:]
             self._pos = 0
 
         fin, opcode, mask, length = self._frame
         payload = self._payload
         assert payload is not None
-        view = memoryview(payload)
-        # Large payloads are read straight into their final buffer.
-        while self._filled < length:
-            n = self._recv_into(view[self._filled :], deadline)
-            if n is None:
+        while len(payload) < length:
+            data = self._recv(min(length - len(payload), _PAYLOAD_READ_SIZE), deadline)
+            if data is None:
                 return None
-            self._filled += n
+            payload += data
 
         self._frame = None
         self._payload = None
-        self._filled = 0
         return fin, opcode, _unmask(mask, payload)
 
     def _add_fragment(self, fin: bool, opcode: int, payload: bytes) -> str | bytes | None:
@@ -857,16 +846,14 @@ class WebSocket:
                 return self._decode(opcode, payload)
             self._msg_opcode = opcode
 
-        self._msg_parts.append(payload)
-        self._msg_size += len(payload)
+        self._msg_data += payload
         if not fin:
             return None
 
         opcode = self._msg_opcode
-        data = b"".join(self._msg_parts)
+        data = bytes(self._msg_data)
         self._msg_opcode = None
-        self._msg_parts = []
-        self._msg_size = 0
+        self._msg_data = bytearray()
         assert opcode is not None
         return self._decode(opcode, data)
 

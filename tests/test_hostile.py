@@ -166,14 +166,14 @@ def _header(num_buffers: int = 0, **extra) -> str:
 
 
 @pytest.mark.parametrize(("frames", "slot"), [
-    ([_header(), b"{}"], "_METADATA"),
-    ([_header(), "{}", b'{"events": []}'], "_CONTENT"),
+    ([_header(), b"{}"], "metadata"),
+    ([_header(), "{}", b'{"events": []}'], "content"),
     # A binary frame where the text buffer header is due (header-less buffer).
-    ([_header(1), "{}", '{"events": []}', b"\x00\x01payload"], "_BUFFER_HEADER"),
+    ([_header(1), "{}", '{"events": []}', b"\x00\x01payload"], "buffer header"),
 ], ids=["metadata", "content", "buffer-header"])
 def test_binary_frame_in_a_text_slot(server, frames, slot):
     under_attack(server, attack_closes(
-        server, frames, 1002, "closed with 1002", "expected text fragment but received binary fragment", slot))
+        server, frames, 1002, "closed with 1002", f"expected a text frame with the {slot}"))
 
 
 @pytest.mark.parametrize("buffer_header", ['[1, 2]', '{"ID": "0"}', '"id"', "null", "not json"])
