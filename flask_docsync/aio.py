@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -52,18 +53,44 @@ def _ensure_loop() -> asyncio.AbstractEventLoop:
     return _loop
 
 
+#: Seconds a killed greenlet waits for the coroutine it was waiting for to
+#: finish after cancelling it, so its ``finally`` blocks have run before the
+#: session's destroy hooks; bounded because a coroutine may ignore the
+#: cancellation.
+CANCEL_TIMEOUT = 2.0
+
+
+def on_loop() -> bool:
+    """Whether the caller runs on the asyncio loop's own greenlet (inside a coroutine)."""
+    return _runner is not None and gevent.getcurrent() is _runner
+
+
 def resolve(value: Any) -> Any:
     """Return ``value``, or its result when it is awaitable.
 
     The coroutine runs in the caller's ``contextvars`` context, so
     ``curdoc()`` and Flask's ``current_app`` stay what they were for the
-    caller. Exceptions propagate to the caller.
+    caller. Exceptions propagate to the caller. When the waiting greenlet
+    is killed (its session is destroyed) or times out, the coroutine is
+    cancelled too, and the greenlet waits up to :data:`CANCEL_TIMEOUT` for
+    it to end.
+
+    :raises RuntimeError: when called from a coroutine, which would wait
+        for the loop it is blocking; ``await`` the value there instead.
     """
     if not inspect.isawaitable(value):
         return value
+    if on_loop():
+        if inspect.iscoroutine(value):
+            value.close()
+        raise RuntimeError(
+            "A coroutine's result cannot be waited for on the asyncio loop itself;"
+            " use 'await' inside async code."
+        )
     loop = _ensure_loop()
     result = gevent.event.AsyncResult()
     context = contextvars.copy_context()
+    state: dict[str, Any] = {"task": None, "cancelled": False}
 
     async def _await() -> Any:
         try:
@@ -82,14 +109,71 @@ def resolve(value: Any) -> Any:
             result.set(task.result())
 
     def _start() -> None:
-        task = loop.create_task(_await(), context=context)
+        if state["cancelled"]:
+            # The waiter went away before the loop got to it.
+            if inspect.iscoroutine(value):
+                value.close()
+            result.set_exception(asyncio.CancelledError())
+            return
+        task = state["task"] = loop.create_task(_await(), context=context)
         task.add_done_callback(_done)
 
+    def _cancel() -> None:
+        state["cancelled"] = True
+        task = state["task"]
+        if task is not None:
+            task.cancel()
+
     loop.call_soon_threadsafe(_start)
-    value = result.get()
+    try:
+        value = result.get()
+    except BaseException:
+        if not result.ready():
+            loop.call_soon_threadsafe(_cancel)
+            result.wait(CANCEL_TIMEOUT)
+        raise
     if isinstance(value, _Exited):
         raise value.exc
     return value
+
+
+async def in_greenlet(fn: Callable[..., Any], *args: Any) -> Any:
+    """Await ``fn(*args)`` run in a new greenlet, from a coroutine.
+
+    For gevent code that may block (taking a session's document lock,
+    waiting for another coroutine with :func:`resolve`): run on the loop's
+    own greenlet it would stall every coroutine of the process, or wait
+    for the loop forever. The greenlet runs in the coroutine's
+    ``contextvars`` context; cancelling the coroutine kills it.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def _settle(ok: bool, outcome: Any) -> None:
+        if future.done():
+            return
+        if ok:
+            future.set_result(outcome)
+        else:
+            future.set_exception(outcome)
+
+    def _run() -> None:
+        try:
+            outcome = context.run(fn, *args)
+        except gevent.GreenletExit:
+            return
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle, False, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, True, outcome)
+
+    greenlet = gevent.spawn(_run)
+    try:
+        return await future
+    finally:
+        if not greenlet.dead:
+            greenlet.kill(block=False)
 
 
 class _Exited:

@@ -363,10 +363,16 @@ def ws(app_path: str = "") -> Response:
     except Exception:
         log.exception("App %s: could not create the session for a WebSocket", route)
         return _refuse_ws(environ, 500, "The application failed to create the session; see the server log.")
-    conn = websocket.WebSocket.accept(
-        environ, subprotocol="bokeh", max_message_size=server.settings.websocket_max_message_size
-    )
-    server.serve_connection(conn, session)
+    # Not discarded between here and the connection's subscription: the
+    # handshake may yield to the cleanup loop.
+    session.block_expiration()
+    try:
+        conn = websocket.WebSocket.accept(
+            environ, subprotocol="bokeh", max_message_size=server.settings.websocket_max_message_size
+        )
+        server.serve_connection(conn, session)
+    finally:
+        session.unblock_expiration()
     return WebSocketDone(conn)
 
 

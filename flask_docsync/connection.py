@@ -31,6 +31,7 @@ from .protocol import (
     CLOSE_NORMAL,
     CLOSE_POLICY_VIOLATION,
     CLOSE_PROTOCOL_ERROR,
+    CLOSE_TRY_AGAIN_LATER,
     MessageDecoder,
     check_content_depth,
     encode,
@@ -248,7 +249,12 @@ class ServerConnection:
 
         session = self.session
         code, reason = CLOSE_NORMAL, ""
-        session.subscribe(self)
+        if not session.subscribe(self):
+            # Destroyed between the handshake and now (a server stop): a
+            # reconnect gets whatever session the token allows then.
+            log.info("Session %s: connection %d refused: the session has ended", session.id, self.id)
+            self._finish(CLOSE_TRY_AGAIN_LATER, "the session has ended; reconnect")
+            return
         self.send_message(protocol.create("ACK"))
         try:
             while True:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import weakref
 from collections.abc import Callable
@@ -153,11 +154,23 @@ class SessionContext(_BokehSessionContext):
         return self._logout_url
 
     async def with_locked_document(self, func: Callable[[Document], Any]) -> Any:
-        if self._session is None:
+        """Run ``func(document)`` with the document locked, awaiting it if it
+        is a coroutine function, and return its result.
+
+        For callbacks decorated with ``without_document_lock``: changes made
+        by ``func`` reach the clients when it returns. Returns ``None``
+        without calling ``func`` once the session is destroyed.
+        """
+        session = self._session
+        if session is None:
             # Before the session exists (on_session_created) nothing else can
             # reach the document, so no lock is needed.
-            return aio.resolve(func(self._document))
-        return self._session.with_document_locked(func, self._session.document)
+            result = func(self._document)
+            return (await result) if inspect.isawaitable(result) else result
+        # Waiting for the lock, and for a coroutine func under it, must not
+        # happen on the asyncio loop's own greenlet: that would stall every
+        # coroutine of the worker, or wait for itself for good.
+        return await aio.in_greenlet(session.with_document_locked, func, session.document)
 
 
 def _no_scope(request: RequestData | None) -> contextlib.AbstractContextManager[Any]:
@@ -214,6 +227,7 @@ class ApplicationContext:
         return list(self._sessions.values())
 
     def get_session(self, session_id: str) -> ServerSession | None:
+        """The live session ``session_id``; ``None`` if there is none, or it is being discarded."""
         return self._sessions.get(session_id)
 
     def session_user(self, session_id: str) -> Any:
@@ -253,12 +267,19 @@ class ApplicationContext:
         """
         if not session_id:
             raise SessionError(400, "A session id is required.")
-        session = self._sessions.get(session_id)
-        if session is not None:
-            return session
-        pending = self._pending.get(session_id)
-        if pending is not None:
-            return pending.get()
+        while True:
+            session = self._sessions.get(session_id)
+            if session is not None:
+                return session
+            pending = self._pending.get(session_id)
+            if pending is None:
+                break
+            # Another request is creating this session (its result is the
+            # session or the error), or it is being discarded (None): then
+            # it is made anew once the old one is gone.
+            session = pending.get()
+            if session is not None:
+                return session
         result = self._pending[session_id] = gevent.event.AsyncResult()
         try:
             session = self._create(session_id, request, token, token_payload)
@@ -325,6 +346,11 @@ class ApplicationContext:
     def discard_session(self, session: ServerSession, check: Callable[[], bool] | None = None) -> bool:
         """Destroy ``session`` and run ``on_session_destroyed`` hooks.
 
+        Once the discard is decided the session can no longer be found: a
+        request for its id made meanwhile waits until the discard is over
+        and then gets a new session (as the token rules allow), never the
+        destroyed one.
+
         :param check: Re-checked with the document lock held; the session
             is kept when it returns false (e.g. a client connected meanwhile).
         :return: Whether the session was discarded. Called from a locked
@@ -334,24 +360,41 @@ class ApplicationContext:
         """
         if session.destroyed:
             return False
-        if session._lock_owner is gevent.getcurrent():
+        if session.lock_held_here:
             gevent.spawn(self.discard_session, session, check)
             return False
-        with session._lock:
-            if check is not None and not check():
+        session_id = session.id
+        # Through the same bookkeeping as every locked section (lock owner,
+        # pending patches, curdoc, expiration block), not the bare lock.
+        with session._locked():
+            if session.destroyed or (check is not None and not check()):
                 return False
             if session.connection_count > 0:
                 return False
-            session.destroy()
-        self._sessions.pop(session.id, None)
-        context = self.server_context._session_contexts.pop(session.id, None)
-        if context is not None:
-            context._destroyed = True
-            with self.app_scope(context.request._data):
-                self._run_session_hooks("on_session_destroyed", context)
-            context._document = None
-            context._session = None
-        log.debug("App %s: discarded session %s", self.url, session.id)
+            if self._sessions.get(session_id) is session:
+                del self._sessions[session_id]
+            discarding = self._pending[session_id] = gevent.event.AsyncResult()
+            try:
+                # Stopping callbacks may take seconds; the session is
+                # already out of reach.
+                session.destroy()
+            except BaseException:
+                self._pending.pop(session_id, None)
+                discarding.set(None)
+                raise
+        try:
+            context = self.server_context._session_contexts.pop(session_id, None)
+            if context is not None:
+                context._destroyed = True
+                with self.app_scope(context.request._data):
+                    self._run_session_hooks("on_session_destroyed", context)
+                context._document = None
+                context._session = None
+        finally:
+            if self._pending.get(session_id) is discarding:
+                del self._pending[session_id]
+            discarding.set(None)
+        log.debug("App %s: discarded session %s", self.url, session_id)
         return True
 
     def cleanup_unused_sessions(self, unused_lifetime_ms: int) -> int:
@@ -395,4 +438,4 @@ class ApplicationContext:
 def unused_after_lock(session: ServerSession) -> bool:
     # Re-checked under the lock: a client may have connected, or a callback
     # may be waiting for the document (it blocks expiration while it waits).
-    return session.connection_count == 0 and not session.expiration_blocked
+    return session.connection_count == 0 and not session.expiration_blocked_by_others

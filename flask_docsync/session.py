@@ -207,6 +207,18 @@ class ServerSession:
     def expiration_blocked(self) -> bool:
         return self._expiration_blocked > 0
 
+    @property
+    def expiration_blocked_by_others(self) -> bool:
+        """Whether expiration is blocked by anyone but the current greenlet's
+        hold of the document lock (which blocks it too, while held)."""
+        own = 1 if self._lock_owner is gevent.getcurrent() else 0
+        return self._expiration_blocked > own
+
+    @property
+    def lock_held_here(self) -> bool:
+        """Whether the current greenlet holds the document lock."""
+        return self._lock_owner is gevent.getcurrent()
+
     def request_expiration(self) -> None:
         """Let the next cleanup pass discard the session once it has no connections."""
         self._expiration_requested = True
@@ -219,8 +231,15 @@ class ServerSession:
             raise RuntimeError("mismatched block_expiration / unblock_expiration")
         self._expiration_blocked -= 1
 
-    def subscribe(self, connection: Subscriber) -> None:
+    def subscribe(self, connection: Subscriber) -> bool:
+        """Send this session's changes to ``connection`` from now on.
+
+        :return: ``False``, subscribing nothing, once the session is destroyed.
+        """
+        if self._destroyed:
+            return False
         self._connections.add(connection)
+        return True
 
     def unsubscribe(self, connection: Subscriber) -> None:
         self._connections.discard(connection)

@@ -16,8 +16,8 @@ from flask_docsync.websocket import ConnectionClosed
 class ScriptedSession:
     id = "session-under-test"
 
-    def subscribe(self, connection) -> None:
-        pass
+    def subscribe(self, connection) -> bool:
+        return True
 
     def unsubscribe(self, connection) -> None:
         pass

@@ -140,8 +140,6 @@ def test_frame_headers_and_many_buffer_messages_commit_no_memory_beyond_what_was
           f" fed connections; {during} round trips meanwhile; most sent {max(s for _, s in results)}")
     codes = [code for code, _ in results]
     assert codes == [1009] * FEEDERS, codes
-    # Closed at the limit: nobody got to send much more than it before the close arrived.
-    assert max(sent for _, sent in results) < 3 * LIMIT, results
     assert grown < 50, f"RSS grew {grown:.1f} MiB"
     assert during >= 10, f"only {during} round trips of another session during the attack"
     log_has_line(server, attacker_session, "closed with 1009", f"message over the limit of {LIMIT} bytes")

@@ -6,10 +6,12 @@ import json
 import time
 
 import gevent
+import gevent.event
 import gevent.monkey
 import pytest
 from bokeh.application import Application
 from bokeh.application.handlers.function import FunctionHandler
+from bokeh.document import Document, without_document_lock
 from bokeh.models import Button, Div, Slider
 from bokeh.util.token import generate_jwt_token
 
@@ -402,3 +404,95 @@ def test_discard_does_not_run_a_full_gc_per_session_and_frees_models(contexts, m
     del sessions, session
     gc.collect()
     assert all(ref() is None for ref in refs)
+
+
+# discard and async --------------------------------------------------------------
+
+def test_a_destroyed_session_is_never_found_nor_subscribed(contexts):
+    """While a discard runs, the id is out of reach; a request for it waits and gets a new session."""
+    def app(doc):
+        doc.add_root(Div(text="x", name="d"))
+
+    context = make_context(app)
+    contexts.append(context)
+    first = new_session(context, "gone")
+    assert context.discard_session(first)
+    assert first.destroyed and context.get_session("gone") is None
+    assert first.subscribe(Recorder()) is False and first.connection_count == 0
+
+    second = new_session(context, "slow")
+    release = gevent.event.Event()
+    # A callback that takes its time to stop keeps the discard busy.
+    def stubborn():
+        try:
+            gevent.sleep(60)
+        except gevent.GreenletExit:
+            release.wait(5)
+            raise
+    second.document.add_periodic_callback(without_document_lock(stubborn), 10)
+    gevent.sleep(0.05)
+    discard = gevent.spawn(context.discard_session, second)
+    gevent.sleep(0.05)
+    assert context.get_session("slow") is None, "findable while being discarded"
+    joiner = gevent.spawn(new_session, context, "slow")
+    gevent.sleep(0.05)
+    assert not joiner.ready(), "a new session was handed out before the discard ended"
+    release.set()
+    assert discard.get(timeout=5) is True
+    third = joiner.get(timeout=5)
+    assert third is not second and not third.destroyed
+
+
+def test_resolve_on_the_loop_itself_raises_instead_of_waiting_forever():
+    from flask_docsync import aio
+
+    async def inner():
+        return 1
+
+    async def outer():
+        with pytest.raises(RuntimeError, match="use 'await'"):
+            aio.resolve(inner())
+        return await inner()
+
+    assert aio.resolve(outer()) == 1
+
+
+def test_a_killed_waiter_cancels_its_coroutine():
+    import asyncio
+
+    from flask_docsync import aio
+
+    seen = []
+
+    async def forever():
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    waiter = gevent.spawn(aio.resolve, forever())
+    gevent.sleep(0.05)
+    waiter.kill(timeout=5)
+    assert seen == ["cancelled"]
+
+
+def test_with_locked_document_before_the_session_exists_awaits_a_coroutine_function():
+    from flask_docsync import aio
+    from flask_docsync.context import ServerContext, SessionContext
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    doc_holder = Div(text="before")
+    doc = Document()
+    doc.add_root(doc_holder)
+    context = SessionContext(ServerContext(owner), "id", RequestData(), {}, doc)
+
+    async def change(d):
+        d.roots[0].text = "after"
+        return "done"
+
+    assert aio.resolve(context.with_locked_document(change)) == "done"
+    assert doc_holder.text == "after"
