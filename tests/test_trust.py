@@ -24,6 +24,7 @@ import base64
 import html
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -33,11 +34,12 @@ from reliability_util import raw_request, under_attack
 from serve_util import APPS, log_has_line, start_server, wait_until
 from wire import WireClient
 
-from conftest import RunningServer, free_port
+from conftest import ROOT, RunningServer, free_port
 
 SLIDERS = APPS / "sliders.py"
 EVIL = "evil.example"
 TOKEN = re.compile(r'"token":\s*"([A-Za-z0-9_.\-]+)"|\\"token\\":\s*\\"([A-Za-z0-9_.\-]+)\\"')
+SECRET = "trust-test-secret-" + "x" * 32
 
 
 def clean_env(**env: str) -> dict[str, str]:
@@ -242,3 +244,46 @@ def test_dns_rebinding_page_is_refused_by_a_flask_app_with_an_allowlist(flask_ap
     token = page_token(server, "/work", f"127.0.0.1:{port}")
     status, _, body = upgrade(server, "/work", token, f"127.0.0.1:{port}", origin=f"http://app.example:{port}")
     assert status == 101, body
+
+
+def check_deploy(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                **clean_env(DOCSYNC_SECRET_KEY=SECRET, WEB_CONCURRENCY="2", **env))
+    return subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "tests/apps/deploy_factory.py:create_app()", "docsync",
+         "check-deploy", "--gunicorn-config", "examples/deploy/gunicorn.conf.py", *args],
+        capture_output=True, text=True, timeout=90, env=full, cwd=str(ROOT))
+
+
+def problems(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stdout.splitlines() if line.startswith("PROBLEM:")]
+
+
+def test_check_deploy_flags_a_site_that_trusts_no_host_or_would_refuse_its_own_pages():
+    nothing = check_deploy()
+    assert nothing.returncode == 1, nothing.stdout + nothing.stderr
+    assert re.search(r"trusted hosts\s+loopback names", nothing.stdout), nothing.stdout
+    (problem,) = problems(nothing)
+    assert "no host is trusted but the loopback names" in problem and "TRUSTED_HOSTS" in problem, problem
+
+    trusted = check_deploy("--host", "example.com", DEPLOY_TRUSTED_HOSTS="example.com")
+    assert trusted.returncode == 0, trusted.stdout + trusted.stderr
+    assert re.search(r"trusted hosts\s+TRUSTED_HOSTS example\.com", trusted.stdout), trusted.stdout
+    assert trusted.stdout.rstrip().endswith("OK"), trusted.stdout
+
+    other = check_deploy("--host", "www.example.com", DEPLOY_TRUSTED_HOSTS="example.com")
+    assert other.returncode == 1, other.stdout
+    (problem,) = problems(other)
+    assert "Flask refuses every request for Host 'www.example.com' (400)" in problem, problem
+
+    # An allowlist for an embedding partner does not make the site's own name trusted.
+    embedded = check_deploy("--host", "example.com", DOCSYNC_ALLOW_WEBSOCKET_ORIGIN="partner.example:443")
+    assert embedded.returncode == 1, embedded.stdout
+    (problem,) = problems(embedded)
+    assert "own pages at example.com would have their WebSockets refused (403)" in problem, problem
+    assert "add 'example.com' to the app's TRUSTED_HOSTS" in problem, problem
+
+    anyone = check_deploy("--host", "example.com", DEPLOY_TRUSTED_HOSTS="example.com",
+                          DOCSYNC_ALLOW_WEBSOCKET_ORIGIN="*")
+    assert anyone.returncode == 0, anyone.stdout
+    assert any(line.startswith("WARNING:") and "DNS-rebinding" in line for line in anyone.stdout.splitlines())
