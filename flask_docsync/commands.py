@@ -204,8 +204,9 @@ def stats_command(url: str | None) -> None:
     """Show sessions, connections, queued messages and callback figures.
 
     The running server must have DOCSYNC_STATS_ENDPOINT on, and answers
-    loopback clients only.
+    loopback clients that connect to it directly (not through a proxy).
     """
+    import html
     import json
     import urllib.error
     import urllib.request
@@ -213,14 +214,19 @@ def stats_command(url: str | None) -> None:
     if url is None:
         data = current_app.extensions["docsync"].stats()
     else:
+        # Never through an http_proxy from the environment: the server
+        # refuses requests that a proxy forwarded.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
-            with urllib.request.urlopen(url.rstrip("/") + "/_stats", timeout=10) as response:
+            with opener.open(url.rstrip("/") + "/_stats", timeout=10) as response:
                 data = json.load(response)
         except urllib.error.HTTPError as exc:
-            raise click.ClickException(
-                f"{url}/_stats answered {exc.code}: set DOCSYNC_STATS_ENDPOINT=True on the server"
-                " and ask from the same machine."
-            ) from None
+            if exc.code == 404:
+                hint = "set DOCSYNC_STATS_ENDPOINT=True on the server (and check the URL prefix)."
+            else:
+                # The server's reason says what to do; its text/plain body is HTML-escaped.
+                hint = html.unescape(exc.read().decode("utf-8", "replace").strip()) or "ask from the server machine."
+            raise click.ClickException(f"{url}/_stats answered {exc.code}: {hint}") from None
         except OSError as exc:
             raise click.ClickException(f"cannot reach {url}: {exc}") from None
     click.echo(json.dumps(data, indent=2, sort_keys=True))

@@ -1,4 +1,4 @@
-"""Trust: which pages may drive a session.
+"""Trust: which pages may drive a session, and who may read ``/_stats``.
 
 Real servers and raw clients, as in tests/test_hostile.py:
 
@@ -12,6 +12,9 @@ Real servers and raw clients, as in tests/test_hostile.py:
   http://evil.example:PORT``: the same origin, as far as those two headers
   tell. The page can read the app page and take its token, so the
   WebSocket's origin check is all that stands between it and the session;
+* ``/_stats`` requests as a proxy on the same machine forwards them: from
+  127.0.0.1 with ``X-Forwarded-For`` and the like, and through a real nginx
+  running examples/deploy/nginx.conf.
 
 Each refusal is checked for its status, the reason in its body and in the
 server log, and that another session kept completing round trips while it
@@ -22,11 +25,15 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import websocket
@@ -38,6 +45,7 @@ from conftest import ROOT, RunningServer, free_port
 
 SLIDERS = APPS / "sliders.py"
 EVIL = "evil.example"
+STATS_ON = {"DOCSYNC_STATS_ENDPOINT": "true"}
 TOKEN = re.compile(r'"token":\s*"([A-Za-z0-9_.\-]+)"|\\"token\\":\s*\\"([A-Za-z0-9_.\-]+)\\"')
 SECRET = "trust-test-secret-" + "x" * 32
 
@@ -111,7 +119,7 @@ def rebinding_refused(server: RunningServer, route: str, host: str, *fix: str) -
 @pytest.fixture(scope="module")
 def default_server() -> Iterator[RunningServer]:
     """``serve sliders.py --address 127.0.0.1 --port P``: allowlist localhost:P, as bokeh serve's."""
-    s = start_server(SLIDERS, "--keep-alive", "0", env=clean_env())
+    s = start_server(SLIDERS, "--keep-alive", "0", env=clean_env(**STATS_ON))
     yield s
     s.stop()
 
@@ -287,3 +295,91 @@ def test_check_deploy_flags_a_site_that_trusts_no_host_or_would_refuse_its_own_p
                           DOCSYNC_ALLOW_WEBSOCKET_ORIGIN="*")
     assert anyone.returncode == 0, anyone.stdout
     assert any(line.startswith("WARNING:") and "DNS-rebinding" in line for line in anyone.stdout.splitlines())
+
+
+# --------------------------------------------------------------------------
+# /_stats: loopback means nothing behind a proxy on the same machine
+# --------------------------------------------------------------------------
+
+FORWARDED = [
+    "X-Forwarded-For: 203.0.113.9",
+    "X-Real-IP: 203.0.113.9",
+    "Forwarded: for=203.0.113.9",
+    "Via: 1.1 proxy",
+    "X-Forwarded-Proto: https",
+]
+
+
+def stats_request(server: RunningServer, *headers: str) -> tuple[int, dict[str, str], bytes]:
+    return raw_request(server, ["GET /_stats HTTP/1.1", f"Host: 127.0.0.1:{server.port}",
+                                "Connection: close", *headers])
+
+
+@pytest.mark.parametrize("header", FORWARDED)
+def test_stats_loopback_check_passes_every_client_of_a_same_host_proxy(default_server, header):
+    server = default_server
+
+    def attack() -> None:
+        status, _, body = stats_request(server, header)
+        assert status == 403, (status, body)
+        text = html.unescape(body.decode("utf-8"))
+        assert "not served through a proxy" in text and header.split(":")[0] in text, text
+        assert "flask docsync stats --url http://127.0.0.1:" in text, text
+        assert b"sessions" not in body
+        log_has_line(server, "Refused /_stats from 127.0.0.1 (403)", header.split(":")[0])
+
+    under_attack(server, attack)
+    status, _, body = stats_request(server)  # the operator on the machine, asking the app directly
+    assert status == 200 and "sessions" in json.loads(body)
+
+
+def test_stats_loopback_check_with_proxyfix_judges_the_connection_not_the_header(serve):
+    """``--use-xheaders`` (ProxyFix): a forwarded "127.0.0.1" is refused, the operator's own request is not."""
+    server = serve(SLIDERS, "--keep-alive", "0", "--use-xheaders", env=clean_env(**STATS_ON))
+    status, _, body = stats_request(server, "X-Forwarded-For: 127.0.0.1")
+    assert status == 403 and b"X-Forwarded-For" in body, (status, body)
+    log_has_line(server, "Refused /_stats from 127.0.0.1 (403)", "X-Forwarded-For")
+    status, _, body = stats_request(server)
+    assert status == 200 and "sessions" in json.loads(body)
+
+
+def test_stats_endpoint_is_off_unless_enabled(allowlist_server):
+    status, _, _ = stats_request(allowlist_server)
+    assert status == 404
+
+
+NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/test.sh installs Debian's nginx)")
+def test_stats_through_nginx_without_proxyfix_are_refused(default_server, tmp_path):
+    """examples/deploy/nginx.conf keeps /_stats off the proxy; without that block the app refuses it."""
+    from test_deploy import Nginx, nginx_site
+
+    server = default_server
+    for blocked in (True, False):
+        port = free_port()
+        site = nginx_site(port, (server.port, server.port))
+        if not blocked:
+            site, removed = re.subn(r"\n    location ~ [^\n]*_stats[^\n]*\{[^}]*\}\n", "\n", site)
+            assert removed == 1, site
+        nginx = Nginx(tmp_path / f"nginx-{blocked}", site, port)
+        proxy = SimpleNamespace(port=port)  # what raw_request needs of a server
+        try:
+            status, _, body = raw_request(proxy, ["GET /dash/sliders HTTP/1.1", f"Host: 127.0.0.1:{port}",
+                                                  "Connection: close"])
+            assert status == 200 and b"token" in body, (status, body[:300])  # the proxy passes the site
+            before = len(server.log())
+            status, _, body = raw_request(proxy, ["GET /dash/_stats HTTP/1.1", f"Host: 127.0.0.1:{port}",
+                                                  "Connection: close"])
+            assert b"sessions" not in body, body
+            if blocked:
+                assert status == 404, (status, body)
+                time.sleep(0.5)
+                assert "/_stats" not in server.log()[before:]  # nginx answered; the app never saw it
+            else:
+                assert status == 403 and b"X-Forwarded-For" in body, (status, body)
+                log_has_line(server, "Refused /_stats from 127.0.0.1 (403)", "X-Forwarded-For")
+        finally:
+            nginx.stop()
+
