@@ -133,11 +133,17 @@ def allowlist_server() -> Iterator[RunningServer]:
 
 
 class PortZeroServer(RunningServer):
-    """``flask-docsync serve --port 0``: the port is read from the startup line."""
+    """``flask-docsync serve --port 0``: the port is read from the startup line.
+
+    One process prints ``Bokeh app running at: ...``, gunicorn's master
+    (``--num-procs``) ``Listening at: ...``.
+    """
+
+    STARTUP = re.compile(r"(?:Bokeh app running|Listening) at: http://127\.0\.0\.1:(\d+)")
 
     def _wait_ready(self, path: str) -> None:
-        line = wait_until(lambda: re.search(r"Bokeh app running at: http://127\.0\.0\.1:(\d+)/", self.log())
-                          or self.proc.poll() is not None, timeout=30, message="the startup line")
+        line = wait_until(lambda: self.STARTUP.search(self.log()) or self.proc.poll() is not None,
+                          timeout=30, message="the startup line")
         assert self.proc.poll() is None, self.log()
         self.port = int(line.group(1))
         self.url = f"http://127.0.0.1:{self.port}"
@@ -167,11 +173,14 @@ def test_dns_rebinding_page_is_refused_with_an_explicit_allowlist(allowlist_serv
     rebinding_refused(server, "/sliders", f"localhost:{server.port}")
 
 
-def test_dns_rebinding_page_is_refused_after_port_0(tmp_path):
+@pytest.mark.parametrize("procs", ["1", "2"])
+def test_dns_rebinding_page_is_refused_after_port_0(procs):
     cmd = [sys.executable, "-m", "flask_docsync", "serve", str(SLIDERS), "--keep-alive", "0",
-           "--port", "0", "--address", "127.0.0.1"]
-    server = PortZeroServer(cmd, 0, env=clean_env())
+           "--port", "0", "--address", "127.0.0.1", "--num-procs", procs]
+    # Two gunicorn workers share one secret, so either can take the WebSocket.
+    server = PortZeroServer(cmd, 0, env=clean_env(DOCSYNC_SECRET_KEY=SECRET))
     try:
+        wait_until(lambda: server.get("/sliders")[0] == 200, timeout=30, message="the workers answering")
         evil = f"{EVIL}:{server.port}"
         under_attack(server, lambda: rebinding_refused(server, "/sliders", evil))
         # The default allowlist carries the port the system picked.
