@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -37,7 +38,7 @@ from . import websocket
 from .apps import normalize_route
 from .context import RequestData
 from .errors import ConfigurationError, SessionError, TokenError, UnknownApplication
-from .tokens import origin_allowed
+from .tokens import origin_refusal
 from .transport import WebSocketDone
 
 if TYPE_CHECKING:
@@ -333,13 +334,12 @@ def ws(app_path: str = "") -> Response:
         log.warning("WebSocket %s refused (%d): %s", request.path, exc.status, exc.reason)
         return _refuse(exc.status, exc.reason, exc.headers)
     origin = request.headers.get("Origin") or request.headers.get("Sec-WebSocket-Origin")
-    allowlist = server.settings.allow_websocket_origin
-    if not origin_allowed(origin, request.host, request.scheme, allowlist):
-        allowed = ", ".join(allowlist) or f"only this host ({request.host})"
-        reason = (
-            f"Refusing websocket connection from Origin {origin!r}; allowed origins: {allowed}."
-            " Add it with --allow-websocket-origin or DOCSYNC_ALLOW_WEBSOCKET_ORIGIN."
-        )
+    # Flask 3.1 refuses requests for other hosts (400) before this view when
+    # TRUSTED_HOSTS is set; the config is read too for a Flask that does not.
+    trusted_hosts = request.trusted_hosts or current_app.config.get("TRUSTED_HOSTS")
+    reason = origin_refusal(origin, request.host, request.scheme, server.settings.allow_websocket_origin,
+                            trusted_hosts=trusted_hosts, same_origin_hosts=server.same_origin_hosts)
+    if reason is not None:
         return _refuse_ws(environ, 403, reason)
     user, refusal = authorize(route)
     if refusal is not None:
@@ -387,18 +387,59 @@ def _refuse_ws(environ: Any, status: int, reason: str) -> Response:
     return _refuse(status, reason)
 
 
-#: Addresses allowed to read ``/_stats``: the figures describe the whole
-#: process, so they are for the operator on the machine, not for visitors.
-_LOOPBACK = ("127.0.0.1", "::1")
+#: Headers a proxy adds to what it forwards (``Via`` is required of HTTP
+#: proxies by RFC 9110; nginx adds the others when configured to). Behind a
+#: proxy on the same machine every client connects from loopback, so only a
+#: request that carries none of them can be the operator's own.
+FORWARDING_HEADERS = ("Forwarded", "Via", "X-Real-IP", "X-Forwarded-For", "X-Forwarded-Host",
+                      "X-Forwarded-Proto", "X-Forwarded-Port", "X-Forwarded-Prefix")
+
+
+def _is_loopback_address(address: str | None) -> bool:
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:  # a Unix socket gives "" or None
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # "::ffff:127.0.0.1" on dual-stack sockets
+    return (mapped or ip).is_loopback
 
 
 def stats() -> Response:
+    """The process's figures as JSON, for the operator on the server machine.
+
+    Off (404) unless ``DOCSYNC_STATS_ENDPOINT`` is set. The figures describe
+    the whole process, so they are refused (403) to a client that is not on
+    loopback, and to any request that came through a proxy: behind a proxy
+    on the same machine (nginx in front of gunicorn, without ``ProxyFix``)
+    every visitor's request arrives from ``127.0.0.1``.
+    """
     server = _server()
     if not server.settings.stats_endpoint:
         abort(404)
-    if request.remote_addr not in _LOOPBACK:
-        return _refuse(403, "Stats are served to loopback clients only.")
-    return jsonify(server.stats())
+    # Where the TCP connection came from, and the mount point without any
+    # proxy's: ProxyFix replaces both with values taken from headers (and
+    # leaves the headers in place, so the check below sees them).
+    environ = request.environ
+    orig = environ.get("werkzeug.proxy_fix.orig") or {}
+    peer = orig.get("REMOTE_ADDR", environ.get("REMOTE_ADDR"))
+    script_name = (orig.get("SCRIPT_NAME") if orig else environ.get("SCRIPT_NAME")) or ""
+    forwarded = [name for name in FORWARDING_HEADERS if name in request.headers]
+    if forwarded:
+        reason = (
+            f"Stats are not served through a proxy (this request carries {', '.join(forwarded)}):"
+            " behind a proxy on the same machine every visitor looks like a loopback client."
+            " Ask the app's own address from the server machine, e.g. flask docsync stats --url"
+            f" http://127.0.0.1:<port>{script_name}{server.settings.url_prefix}"
+        )
+    elif not _is_loopback_address(peer):
+        reason = (
+            f"Stats are served to loopback clients only, not to {peer or 'an unknown address'}:"
+            " ask from the server machine itself."
+        )
+    else:
+        return jsonify(server.stats())
+    log.warning("Refused %s from %s (403): %s", request.path, peer or "?", reason)
+    return _refuse(403, reason)
 
 
 def make_blueprint(

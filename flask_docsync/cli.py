@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="Port to listen on (0 picks a free one).")
     p.add_argument("--address", default=None, help="Address to listen on (default: all interfaces).")
     p.add_argument("--allow-websocket-origin", metavar="HOST[:PORT]", action="append", default=None,
-                   help="Origin allowed to open the WebSocket; repeatable. Default: localhost:<port> and the serving host.")
+                   help="Origin allowed to open the WebSocket; repeatable. Default: localhost:<port>."
+                        " Pages served under these hosts or the --address may open WebSockets.")
     p.add_argument("--prefix", default="", help="URL prefix for every route.")
     p.add_argument("--session-ids", choices=("unsigned", "signed", "external-signed"), default=None,
                    help="Session id policy (signed needs BOKEH_SECRET_KEY or DOCSYNC_SECRET_KEY).")
@@ -84,8 +85,33 @@ def _expand(files: Sequence[str], use_glob: bool) -> list[str]:
     return out
 
 
-def create_app(options: argparse.Namespace) -> Any:
-    """The Flask app ``flask-docsync serve`` runs, built from parsed options."""
+def bind_hosts(address: str | None) -> tuple[str, ...]:
+    """The bind address as a trusted ``Host`` pattern, ``host:*``.
+
+    Any port: a page reaching the server through a port forward or a TCP
+    proxy on the same address carries the forwarder's port, and what DNS
+    rebinding forges is the name, never an address or its port. A wildcard
+    address (none, ``0.0.0.0``, ``::``) names no host, so it gives none.
+    """
+    import ipaddress
+
+    if not address:
+        return ()
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return (f"{address.lower()}:*",)
+    if ip.is_unspecified:
+        return ()
+    return (f"[{ip}]:*" if ip.version == 6 else f"{ip}:*",)
+
+
+def create_app(options: argparse.Namespace, port: int | None = None) -> Any:
+    """The Flask app ``flask-docsync serve`` runs, built from parsed options.
+
+    :param port: The port actually listened on, when ``--port 0`` let the
+        system pick it; the default allowlist (``localhost:PORT``) carries it.
+    """
     from flask import Flask, abort, send_file
     from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -96,13 +122,12 @@ def create_app(options: argparse.Namespace) -> Any:
     # flags given on the command line win over them.
     app.config.update({k: v for k, v in os.environ.items() if k.startswith("DOCSYNC_")})
     files = _expand(options.files, options.glob)
-    port = options.port
+    port = options.port if port is None else port
     origins = options.allow_websocket_origin
     if origins is None and not (
         os.environ.get("BOKEH_ALLOW_WS_ORIGIN") or os.environ.get("DOCSYNC_ALLOW_WEBSOCKET_ORIGIN")
     ):
-        # bokeh serve's default, plus the serving host (see origin_allowed).
-        origins = [f"localhost:{port}"] if port else []
+        origins = [f"localhost:{port}"] if port else []  # bokeh serve's default
     settings: dict[str, Any] = {"url_prefix": options.prefix}
     if origins is not None:
         settings["allow_websocket_origin"] = origins
@@ -144,6 +169,10 @@ def create_app(options: argparse.Namespace) -> Any:
     for path in files:
         docsync.add_app(None, path, argv=options.args)
     docsync.init_app(app)
+    # Pages of the allowlist's hosts and of the bind address may open
+    # WebSockets to themselves, and no others: an Origin equal to any Host
+    # would let a DNS-rebinding page in under the attacker's own name.
+    app.extensions["docsync"].same_origin_hosts = bind_hosts(options.address)
 
     if options.ico_path != "none":
         if options.ico_path == "default":
@@ -184,31 +213,45 @@ def _print_urls(routes: Sequence[str], address: str | None, port: int, prefix: s
 def serve(options: argparse.Namespace) -> int:
     """Run one gevent WSGI server process until SIGINT/SIGTERM."""
     import signal
+    import socket
 
     import gevent
     import gevent.event
+    import gevent.socket
+    from gevent.baseserver import parse_address
     from gevent.pywsgi import WSGIServer
 
     _configure_logging(options)
     log = logging.getLogger("flask_docsync.cli")
     from .errors import ConfigurationError
 
+    # Bound before the app is made, so that with --port 0 the app knows the
+    # port browsers will use (its default allowlist is localhost:PORT), but
+    # listening only once the app is ready: a client that can connect finds
+    # the on_server_loaded hooks done. The same steps as WSGIServer's own.
+    family, address = parse_address((options.address or "", options.port))
+    listener = gevent.socket.socket(family)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        app = create_app(options)
+        listener.bind(address)
+    except OSError as exc:
+        listener.close()
+        log.error("Cannot listen on %s:%d: %s", options.address or "*", options.port, exc)
+        return 1
+    port = listener.getsockname()[1]
+    try:
+        app = create_app(options, port)
     except ConfigurationError as exc:
+        listener.close()
         log.error("%s", exc)
         return 1
     docsync_server = app.extensions["docsync"]
     # on_server_loaded hooks run before the first request can arrive.
     docsync_server.start()
-    server = WSGIServer((options.address or "", options.port), app, log=None, error_log=logging.getLogger("gevent.pywsgi"))
-    try:
-        server.start()
-    except OSError as exc:
-        log.error("Cannot listen on %s:%d: %s", options.address or "*", options.port, exc)
-        docsync_server.stop()
-        return 1
-    port = server.server_port
+    listener.listen(WSGIServer.backlog)
+    listener.setblocking(False)
+    server = WSGIServer(listener, app, log=None, error_log=logging.getLogger("gevent.pywsgi"))
+    server.start()
     _print_urls(docsync_server.routes(), options.address, port, options.prefix)
     stop = gevent.event.Event()
 
@@ -230,10 +273,27 @@ def serve(options: argparse.Namespace) -> int:
 
 def serve_with_gunicorn(options: argparse.Namespace) -> int:
     """Run ``--num-procs`` gunicorn gevent workers on one port."""
+    import socket
+
     from gunicorn.app.base import BaseApplication
 
     workers = options.num_procs or (os.cpu_count() or 1)
     bind = f"{options.address or '0.0.0.0'}:{options.port}"
+    if options.port == 0:
+        # Bind here and hand gunicorn the socket, so every worker's app
+        # knows the port the system picked (its default allowlist,
+        # localhost:PORT, needs it). gunicorn owns and closes the fd.
+        host = (options.address or "0.0.0.0").strip("[]")
+        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((host, 0))
+        except OSError as exc:
+            listener.close()
+            print(f"flask-docsync: cannot listen on {host}:0: {exc}", file=sys.stderr)
+            return 1
+        options.port = listener.getsockname()[1]
+        bind = f"fd://{listener.detach()}"
 
     class _App(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:

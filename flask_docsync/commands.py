@@ -56,12 +56,69 @@ def _gunicorn_settings(config_file: str | None) -> dict[str, Any]:
     }
 
 
+def _trust_report(hosts: tuple[str, ...]) -> tuple[str, list[str], list[str]]:
+    """Which hosts' own pages may open WebSockets: (row text, problems, warnings).
+
+    ``hosts`` are the ``Host`` values browsers will send (``--host``, or
+    ``SERVER_NAME``); each must pass both Flask's ``TRUSTED_HOSTS`` and the
+    WebSocket origin check, or the site refuses itself.
+    """
+    from werkzeug.wsgi import host_is_trusted
+
+    from .tokens import origin_refusal
+
+    config = current_app.config
+    trusted_hosts = config.get("TRUSTED_HOSTS")
+    if isinstance(trusted_hosts, str):
+        trusted_hosts = [trusted_hosts]
+    server = current_app.extensions["docsync"]
+    allowlist = server.settings.allow_websocket_origin
+    problems: list[str] = []
+    warnings: list[str] = []
+    parts = []
+    if trusted_hosts:
+        parts.append(f"TRUSTED_HOSTS {', '.join(trusted_hosts)}")
+    if allowlist:
+        parts.append(f"allowlist {', '.join(allowlist)}")
+    if server.same_origin_hosts is not None:
+        parts.append(f"bind address {', '.join(server.same_origin_hosts) or '(any interface)'}")
+    elif not trusted_hosts:  # with TRUSTED_HOSTS, Flask refuses the names it does not list
+        parts.append("loopback names")
+    row = "; ".join(parts)
+    if "*" in allowlist:
+        warnings.append(
+            "DOCSYNC_ALLOW_WEBSOCKET_ORIGIN is '*': a page on any origin, a DNS-rebinding page"
+            " included, may open WebSockets with a token it obtained."
+        )
+    for host in hosts:
+        if trusted_hosts and not host_is_trusted(host, trusted_hosts):
+            problems.append(
+                f"Flask refuses every request for Host {host!r} (400): add it to TRUSTED_HOSTS."
+            )
+            continue
+        reason = origin_refusal(f"http://{host}", host, "http", allowlist,
+                                trusted_hosts=trusted_hosts, same_origin_hosts=server.same_origin_hosts)
+        if reason is not None:
+            problems.append(f"the site's own pages at {host} would have their WebSockets refused (403): {reason}")
+    if not hosts and not trusted_hosts and not allowlist:
+        problems.append(
+            "no host is trusted but the loopback names (localhost, 127.0.0.1, [::1]): pages served"
+            " under any other name get 403 on their WebSockets. Set TRUSTED_HOSTS to the names the"
+            " site is served under (e.g. ['example.com']), or check one with --host NAME."
+        )
+    return row, problems, warnings
+
+
 @docsync_cli.command("check-deploy")
 @click.option("--gunicorn-config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="The gunicorn.conf.py the deployment uses.")
 @click.option("--workers", type=int, default=None, help="Worker count, if not in the config.")
 @click.option("--worker-class", default=None, help="Worker class, if not in the config.")
-def check_deploy_command(config_file: str | None, workers: int | None, worker_class: str | None) -> None:
+@click.option("--host", "hosts", multiple=True, metavar="HOST[:PORT]",
+              help="A host name browsers use for the site, as they send it in Host (repeatable;"
+                   " default: SERVER_NAME). Flagged if its own pages would be refused.")
+def check_deploy_command(config_file: str | None, workers: int | None, worker_class: str | None,
+                         hosts: tuple[str, ...]) -> None:
     """Report how this app would be served, and flag what would break."""
     server = current_app.extensions["docsync"]
     settings = server.settings
@@ -109,7 +166,12 @@ def check_deploy_command(config_file: str | None, workers: int | None, worker_cl
     if len(sample) > min(TOKEN_SIZE_WARNING, g["limit_request_field_size"]):
         problems.append(f"a minimal token is already {len(sample)} bytes.")
 
-    origins = ", ".join(settings.allow_websocket_origin) or "the serving host only"
+    origins = ", ".join(settings.allow_websocket_origin) or "none besides the trusted hosts' own pages"
+    if not hosts and current_app.config.get("SERVER_NAME"):
+        hosts = (current_app.config["SERVER_NAME"],)
+    trust, trust_problems, trust_warnings = _trust_report(tuple(h.lower() for h in hosts))
+    problems.extend(trust_problems)
+    warnings.extend(trust_warnings)
     rows = [
         ("worker class", g["worker_class"]),
         ("workers", str(g["workers"])),
@@ -117,6 +179,7 @@ def check_deploy_command(config_file: str | None, workers: int | None, worker_cl
         ("monkey-patched", patched),
         ("session ids", "signed" if settings.signed else "unsigned"),
         ("allowed origins", origins),
+        ("trusted hosts", f"{trust} (their own pages may open WebSockets)"),
         ("token size", f"~{len(sample)} bytes plus carried headers/cookies"),
         ("keep-alive", f"{settings.keep_alive_ms} ms" if settings.keep_alive_ms else "off"),
         ("timeout", f"{g['timeout']} s (a callback holding the loop longer gets the worker killed)"),
@@ -141,8 +204,9 @@ def stats_command(url: str | None) -> None:
     """Show sessions, connections, queued messages and callback figures.
 
     The running server must have DOCSYNC_STATS_ENDPOINT on, and answers
-    loopback clients only.
+    loopback clients that connect to it directly (not through a proxy).
     """
+    import html
     import json
     import urllib.error
     import urllib.request
@@ -150,14 +214,19 @@ def stats_command(url: str | None) -> None:
     if url is None:
         data = current_app.extensions["docsync"].stats()
     else:
+        # Never through an http_proxy from the environment: the server
+        # refuses requests that a proxy forwarded.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
-            with urllib.request.urlopen(url.rstrip("/") + "/_stats", timeout=10) as response:
+            with opener.open(url.rstrip("/") + "/_stats", timeout=10) as response:
                 data = json.load(response)
         except urllib.error.HTTPError as exc:
-            raise click.ClickException(
-                f"{url}/_stats answered {exc.code}: set DOCSYNC_STATS_ENDPOINT=True on the server"
-                " and ask from the same machine."
-            ) from None
+            if exc.code == 404:
+                hint = "set DOCSYNC_STATS_ENDPOINT=True on the server (and check the URL prefix)."
+            else:
+                # The server's reason says what to do; its text/plain body is HTML-escaped.
+                hint = html.unescape(exc.read().decode("utf-8", "replace").strip()) or "ask from the server machine."
+            raise click.ClickException(f"{url}/_stats answered {exc.code}: {hint}") from None
         except OSError as exc:
             raise click.ClickException(f"cannot reach {url}: {exc}") from None
     click.echo(json.dumps(data, indent=2, sort_keys=True))

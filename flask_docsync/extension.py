@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import functools
-from collections.abc import Mapping
-
 from flask import Flask, current_app, request
+from werkzeug.exceptions import SecurityError
 
 from .apps import AppTarget, build_application, normalize_route
 from .blueprint import make_blueprint
@@ -22,6 +22,8 @@ from .errors import SessionError
 from .server import DocSyncServer
 from .session import ServerSession
 from .transport import bokeh_app_protocol
+
+log = logging.getLogger(__name__)
 
 
 class DocSync:
@@ -100,6 +102,7 @@ class DocSync:
         app.register_blueprint(
             make_blueprint(settings.url_prefix, settings.index or "/" in self._targets, self._decorators)
         )
+        app.before_request(_untrusted_host_logger(settings.url_prefix))
         app.cli.add_command(docsync_cli)
         app.add_template_global(embed.docsync_resources, "docsync_resources")
         app.add_template_global(embed.docsync_document, "docsync_document")
@@ -191,6 +194,26 @@ class DocSync:
             return target.extensions["docsync"]
         except KeyError:
             raise ConfigurationError("DocSync is not initialized on this app; call docsync.init_app(app).") from None
+
+
+def _untrusted_host_logger(url_prefix: str) -> Callable[[], None]:
+    """A ``before_request`` hook logging requests Flask refuses for their ``Host``.
+
+    With ``TRUSTED_HOSTS`` set, Flask answers 400 to a request for any other
+    host (a DNS-rebinding page's, for one) before a view runs, and logs
+    nothing. For this extension's URLs the refusal gets a log line, as every
+    other refusal of a document or WebSocket does.
+    """
+
+    def log_untrusted_host() -> None:
+        exc = request.routing_exception
+        if isinstance(exc, SecurityError) and request.path.startswith(url_prefix + "/"):
+            log.warning(
+                "Refused %s %s (400): %s Flask's TRUSTED_HOSTS does not name it; if this site is"
+                " served under that name, add it there.", request.method, request.path, exc.description,
+            )
+
+    return log_untrusted_host
 
 
 def _make_app_scope(app: Flask) -> Callable[[RequestData | None], Any]:

@@ -59,6 +59,12 @@ class DocSyncServer:
         self.app_scope = app_scope
         #: ``authorize(route)`` from the adapter: the user, or a refusal.
         self.authorize: Callable[[str], Any] | None = None
+        #: The hosts (``host:port``, Bokeh's allowlist patterns) whose own
+        #: pages may open WebSockets besides the allowlist's, replacing the
+        #: extension's default of Flask's ``TRUSTED_HOSTS`` and the loopback
+        #: names (see :func:`~flask_docsync.tokens.origin_refusal`).
+        #: ``flask-docsync serve`` sets its bind address here.
+        self.same_origin_hosts: tuple[str, ...] | None = None
         #: ``scheduler_factory(invoke, name)`` makes the callback scheduler of
         #: each session created from now on; ``None`` uses
         #: :class:`~flask_docsync.scheduler.CallbackScheduler` (greenlets on

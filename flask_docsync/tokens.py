@@ -7,11 +7,12 @@ passes them explicitly.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,6 +27,7 @@ from bokeh.util.token import (
     generate_session_id,
     get_session_id,
 )
+from werkzeug.wsgi import host_is_trusted
 
 from .config import TOKEN_SIZE_WARNING, Settings
 from .errors import TokenError
@@ -194,27 +196,111 @@ def _netloc(scheme: str, netloc: str) -> str:
     return netloc
 
 
-def origin_allowed(origin: str | None, host: str | None, scheme: str,
-                   allowlist: tuple[str, ...]) -> bool:
-    """Whether a WebSocket from ``origin`` may connect.
+def _allowlist_netloc(netloc: str) -> str:
+    """``netloc`` as Bokeh's allowlist compares it: lower case, ``:80`` without a port."""
+    netloc = netloc.lower()
+    if ":" not in netloc.rsplit("]", 1)[-1]:
+        netloc += ":80"  # what Bokeh assumes for a host without a port, even for https
+    return netloc
+
+
+def _hostname(host: str) -> str:
+    """The name or address of a ``Host`` value, without port or IPv6 brackets."""
+    host = host.lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if ":" in host else host
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a ``Host`` header value) names the browser's own machine.
+
+    ``localhost`` and loopback addresses (``127.0.0.0/8``, ``[::1]``) are the
+    names a DNS-rebinding page can never have: its Host is the attacker's
+    domain name, whatever address that name resolves to.
+    """
+    name = _hostname(host)
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def origin_refusal(
+    origin: str | None,
+    host: str | None,
+    scheme: str,
+    allowlist: tuple[str, ...],
+    *,
+    trusted_hosts: Collection[str] | None = None,
+    same_origin_hosts: tuple[str, ...] | None = None,
+) -> str | None:
+    """Why a WebSocket from ``origin`` must be refused, or ``None`` to let it connect.
 
     A request without an Origin (non-browser clients such as
-    ``bokeh.client``) is allowed, as Bokeh does. A page of the serving host
-    itself (same origin) is always allowed; other origins must be on the
-    allowlist.
+    ``bokeh.client``) is allowed, as Bokeh does, and so is an Origin on the
+    allowlist (``"*"`` allows any). A page of the serving host itself (the
+    Origin equals the ``Host``) is allowed only if that host is one the
+    server trusts: after a DNS rebinding, an attacker's page at
+    ``evil.example`` reaches this server under the attacker's name and is
+    "same origin" too. The trusted hosts are the allowlist's and either
+
+    * ``same_origin_hosts`` when given (``flask-docsync serve`` passes its
+      bind address and trusts nothing more), or
+    * Flask's ``TRUSTED_HOSTS`` (``trusted_hosts``) and the loopback names
+      (see :func:`is_loopback_host`).
+
+    :param host: The request's ``Host`` (``request.host``).
+    :param scheme: The request's scheme, for the default port of ``host``.
+    :param allowlist: ``DOCSYNC_ALLOW_WEBSOCKET_ORIGIN``, normalized.
+    :return: The reason, naming the setting that would allow the origin.
     """
     if not origin:
-        return True
-    parts = urlsplit(origin)
-    if not parts.netloc:
-        return False
-    if host and _netloc(parts.scheme, parts.netloc) == _netloc(scheme, host):
-        return True
-    if not allowlist:
-        return False
-    if "*" in allowlist:
-        return True
-    netloc = parts.netloc.lower()
-    if ":" not in netloc.rsplit("]", 1)[-1]:
-        netloc += ":80"  # what Bokeh assumes for an Origin without a port
-    return check_allowlist(netloc, list(allowlist))
+        return None
+    if isinstance(trusted_hosts, str):  # Werkzeug accepts one name as a string too
+        trusted_hosts = [trusted_hosts]
+    netloc = urlsplit(origin).netloc
+    if netloc and ("*" in allowlist or check_allowlist(_allowlist_netloc(netloc), list(allowlist))):
+        return None
+    if not (host and netloc and _netloc(urlsplit(origin).scheme, netloc) == _netloc(scheme, host)):
+        return (
+            f"Refusing websocket connection from Origin {origin!r}; allowed origins:"
+            f" {', '.join(allowlist) or 'none'} (and pages of this server's trusted hosts)."
+            " Add it with --allow-websocket-origin or DOCSYNC_ALLOW_WEBSOCKET_ORIGIN."
+        )
+    if check_allowlist(_allowlist_netloc(host), list(allowlist)):
+        return None
+    if same_origin_hosts is not None:
+        if check_allowlist(_allowlist_netloc(host), list(same_origin_hosts)):
+            return None
+        trusted = ", ".join((*allowlist, *same_origin_hosts)) or "none"
+        fix = f"start the server with --allow-websocket-origin={host} (or DOCSYNC_ALLOW_WEBSOCKET_ORIGIN)"
+    else:
+        if is_loopback_host(host) or (trusted_hosts and host_is_trusted(host, trusted_hosts)):
+            return None
+        names = [*(trusted_hosts or ()), *allowlist]
+        trusted = ", ".join(names) if names else (
+            "loopback names only, as neither TRUSTED_HOSTS nor DOCSYNC_ALLOW_WEBSOCKET_ORIGIN is set")
+        fix = (f"add {_hostname(host)!r} to the app's TRUSTED_HOSTS config"
+               f" (or {host!r} to DOCSYNC_ALLOW_WEBSOCKET_ORIGIN)")
+    return (
+        f"Refusing websocket connection from Origin {origin!r}: the page's own host {host!r} is not"
+        f" a trusted host (trusted: {trusted}), so it may be a DNS-rebinding page."
+        f" If this site is served under that name, {fix}."
+    )
+
+
+def origin_allowed(
+    origin: str | None,
+    host: str | None,
+    scheme: str,
+    allowlist: tuple[str, ...],
+    *,
+    trusted_hosts: Collection[str] | None = None,
+    same_origin_hosts: tuple[str, ...] | None = None,
+) -> bool:
+    """Whether :func:`origin_refusal` lets a WebSocket from ``origin`` connect."""
+    return origin_refusal(origin, host, scheme, allowlist, trusted_hosts=trusted_hosts,
+                          same_origin_hosts=same_origin_hosts) is None

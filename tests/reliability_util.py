@@ -102,15 +102,15 @@ class HealthyClient:
 
 
 def under_attack(server: RunningServer, attack: Callable[[], Any], min_round_trips: int = 3,
-                 max_runs: int = 200, timeout: float = 60.0) -> int:
+                 max_runs: int = 200, timeout: float = 60.0, route: str = "/sliders") -> int:
     """Repeat ``attack()`` until a healthy session completed ``min_round_trips`` meanwhile.
 
-    The attack runs in this thread and the healthy client's round trips in
-    another, at the same time; every round trip counted both started and
-    ended while attacks were running. ``attack`` asserts its own outcome
-    each time. Returns how many times it ran.
+    The attack runs in this thread and the healthy client's round trips (on
+    a session of ``route``) in another, at the same time; every round trip
+    counted both started and ended while attacks were running. ``attack``
+    asserts its own outcome each time. Returns how many times it ran.
     """
-    with HealthyClient(server) as healthy:
+    with HealthyClient(server, route) as healthy:
         started = time.monotonic()
         runs = 0
         base = healthy.count

@@ -486,12 +486,14 @@ def test_check_deploy_flags_a_missing_secret_and_passes_with_one():
     assert unsafe.returncode == 1, unsafe.stdout + unsafe.stderr
     report = unsafe.stdout
     for row in (r"worker class\s+gevent", r"workers\s+2\b", r"monkey-patched\s+yes", r"session ids\s+unsigned",
-                r"allowed origins\s+the serving host only", r"token size\s+~\d+ bytes"):
+                r"allowed origins\s+none besides the trusted hosts' own pages", r"trusted hosts\s+loopback names",
+                r"token size\s+~\d+ bytes"):
         assert re.search(row, report), (row, report)
-    (problem,) = [line for line in report.splitlines() if line.startswith("PROBLEM:")]
-    assert "DOCSYNC_SECRET_KEY" in problem and "2 workers" in problem, report
+    secret, loopback = [line for line in report.splitlines() if line.startswith("PROBLEM:")]
+    assert "DOCSYNC_SECRET_KEY" in secret and "2 workers" in secret, report
+    assert "no host is trusted but the loopback names" in loopback, report  # tests/test_trust.py has more
 
-    safe = check_deploy(DOCSYNC_SECRET_KEY=SECRET)
+    safe = check_deploy(DOCSYNC_SECRET_KEY=SECRET, DEPLOY_TRUSTED_HOSTS="example.com")
     assert safe.returncode == 0, safe.stdout + safe.stderr
     assert re.search(r"session ids\s+signed", safe.stdout) and "PROBLEM" not in safe.stdout, safe.stdout
     assert safe.stdout.rstrip().endswith("OK"), safe.stdout

@@ -149,20 +149,37 @@ def test_token_include_lists():
 
 
 @pytest.mark.parametrize(
-    "origin, host, allowlist, allowed",
+    "origin, host, allowlist, kwargs, allowed",
     [
-        (None, "a:5006", (), True),
-        ("http://a:5006", "a:5006", (), True),
-        ("http://evil:5006", "a:5006", (), False),
-        ("https://a", "a:443", (), True),
-        ("http://example.com", "a:5006", ("example.com:80",), True),
-        ("http://example.com:81", "a:5006", ("example.com:80",), False),
-        ("http://x.y", "a", ("*",), True),
-        ("null", "a", (), False),
+        (None, "a:5006", (), {}, True),
+        # Same origin is trusted for loopback names, TRUSTED_HOSTS and the
+        # allowlist's hosts only: a DNS-rebinding page is same-origin too.
+        ("http://a:5006", "a:5006", (), {}, False),
+        ("http://localhost:5006", "localhost:5006", (), {}, True),
+        ("http://127.0.0.2:5006", "127.0.0.2:5006", (), {}, True),
+        ("http://[::1]:5006", "[::1]:5006", (), {}, True),
+        ("http://a:5006", "a:5006", (), {"trusted_hosts": ["a"]}, True),
+        ("http://b.a:5006", "b.a:5006", (), {"trusted_hosts": [".a"]}, True),
+        ("http://a:5006", "a:5006", ("a:5006",), {}, True),
+        ("https://a", "a", ("a",), {}, True),  # Bokeh: a bare host means port 80, even for https
+        # flask-docsync serve: the allowlist and the bind address, nothing else.
+        ("http://127.0.0.1:5006", "127.0.0.1:5006", ("localhost:5006",), {"same_origin_hosts": ("127.0.0.1:*",)}, True),
+        ("http://127.0.0.1:8443", "127.0.0.1:8443", ("localhost:5006",), {"same_origin_hosts": ("127.0.0.1:*",)}, True),
+        ("http://[::1]:8443", "[::1]:8443", (), {"same_origin_hosts": ("[::1]:*",)}, True),
+        ("http://localhost:5007", "localhost:5007", ("localhost:5006",), {"same_origin_hosts": ("127.0.0.1:*",)}, False),
+        ("http://localhost:5006", "localhost:5006", ("a:80",), {"same_origin_hosts": ("127.0.0.1:*",)}, False),
+        ("http://a:5006", "a:5006", (), {"same_origin_hosts": (), "trusted_hosts": ["a"]}, False),
+        ("http://evil:5006", "a:5006", (), {}, False),
+        ("http://evil:5006", "a:5006", (), {"trusted_hosts": ["a", "evil"]}, False),  # not the same origin
+        ("http://example.com", "a:5006", ("example.com:80",), {}, True),
+        ("http://example.com:81", "a:5006", ("example.com:80",), {}, False),
+        ("http://x.y", "a", ("*",), {}, True),
+        ("null", "a", (), {}, False),
     ],
 )
-def test_origin_allowed(origin, host, allowlist, allowed):
-    assert origin_allowed(origin, host, "http" if not (origin or "").startswith("https") else "https", allowlist) is allowed
+def test_origin_allowed(origin, host, allowlist, kwargs, allowed):
+    scheme = "https" if (origin or "").startswith("https") else "http"
+    assert origin_allowed(origin, host, scheme, allowlist, **kwargs) is allowed
 
 
 # sessions ---------------------------------------------------------------------

@@ -98,9 +98,10 @@ def _safe_next(target: str | None) -> str:
 def create_app(config: dict | None = None) -> Flask:
     """The application factory.
 
-    Settings, lowest to highest priority: the defaults below, ``SECRET_KEY``
+    Settings, lowest to highest priority: the defaults below, ``SECRET_KEY``,
+    ``TRUSTED_HOSTS`` (comma-separated, e.g. ``example.com,www.example.com``)
     and any ``DOCSYNC_*`` environment variable (e.g.
-    ``DOCSYNC_ALLOW_WEBSOCKET_ORIGIN=example.com:443``), then ``config``.
+    ``DOCSYNC_ALLOW_WEBSOCKET_ORIGIN=partner.example:443``), then ``config``.
     """
     app = Flask(__name__)
     app.config.from_mapping(
@@ -116,6 +117,12 @@ def create_app(config: dict | None = None) -> Flask:
         STREAM_PERIOD_MS=200,
         STREAM_BATCH=10,
     )
+    if os.environ.get("TRUSTED_HOSTS"):
+        # The names the site is served under: Flask refuses requests for any
+        # other Host, and only pages under these names may open their
+        # documents' WebSockets (without it, only those at localhost or
+        # 127.0.0.1 may). A DNS-rebinding page's name is never one of them.
+        app.config["TRUSTED_HOSTS"] = [h.strip() for h in os.environ["TRUSTED_HOSTS"].split(",") if h.strip()]
     app.config.update({k: v for k, v in os.environ.items() if k.startswith("DOCSYNC_")})
     app.config.update(config or {})
     docsync.init_app(app)

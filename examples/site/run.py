@@ -5,8 +5,10 @@ Environment:
 * ``PORT`` (default 5000) and ``HOST`` (default 127.0.0.1);
 * ``SCRIPT_NAME``, e.g. ``/corp``: serve the whole site under that URL
   prefix (what a reverse proxy forwarding ``/corp/`` to this server needs);
-* ``SECRET_KEY``, ``DOCSYNC_*`` (e.g. ``DOCSYNC_SECRET_KEY``,
-  ``DOCSYNC_ALLOW_WEBSOCKET_ORIGIN=example.com:443``): read by create_app().
+* ``SECRET_KEY``, ``TRUSTED_HOSTS`` (e.g. ``example.com``: needed for
+  pages served under any name but localhost's), ``DOCSYNC_*`` (e.g.
+  ``DOCSYNC_SECRET_KEY``, ``DOCSYNC_ALLOW_WEBSOCKET_ORIGIN=partner.example:443``):
+  read by create_app().
 """
 
 # gevent first: monkey-patching must happen before Flask, bokeh or anything

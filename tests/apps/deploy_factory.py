@@ -6,6 +6,7 @@ Configured from the environment, as a deployment would be:
   (``DOCSYNC_SECRET_KEY``, ``DOCSYNC_SESSION_TOKEN_EXPIRATION``, ...);
 - ``DEPLOY_PROXY_FIX=1`` trusts one proxy's ``X-Forwarded-*`` headers,
   including ``X-Forwarded-Prefix`` (werkzeug's ProxyFix);
+- ``DEPLOY_TRUSTED_HOSTS=a.example,b.example`` sets Flask's ``TRUSTED_HOSTS``;
 - ``DEPLOY_HOOKS_FILE`` names a file that ``on_session_destroyed`` and
   ``on_server_unloaded`` append a line to (``session_destroyed ID PID``,
   ``server_unloaded PID``);
@@ -58,6 +59,8 @@ def create_app():
     for key, value in os.environ.items():
         if key.startswith("DOCSYNC_") and value:
             app.config[key] = value
+    if os.environ.get("DEPLOY_TRUSTED_HOSTS"):
+        app.config["TRUSTED_HOSTS"] = os.environ["DEPLOY_TRUSTED_HOSTS"].split(",")
     docsync = DocSync(authorize=authorize, url_prefix="")
     docsync.add_app("/work", _application())
     docsync.add_app("/private", _application())
