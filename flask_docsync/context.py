@@ -364,25 +364,21 @@ class ApplicationContext:
             gevent.spawn(self.discard_session, session, check)
             return False
         session_id = session.id
-        # Through the same bookkeeping as every locked section (lock owner,
-        # pending patches, curdoc, expiration block), not the bare lock.
-        with session._locked():
-            if session.destroyed or (check is not None and not check()):
-                return False
-            if session.connection_count > 0:
-                return False
-            if self._sessions.get(session_id) is session:
-                del self._sessions[session_id]
-            discarding = self._pending[session_id] = gevent.event.AsyncResult()
-            try:
-                # Stopping callbacks may take seconds; the session is
-                # already out of reach.
-                session.destroy()
-            except BaseException:
-                self._pending.pop(session_id, None)
-                discarding.set(None)
-                raise
+        discarding: gevent.event.AsyncResult | None = None
         try:
+            # Through the same bookkeeping as every locked section (lock
+            # owner, pending patches, curdoc, expiration block).
+            with session._locked():
+                if session.destroyed or (check is not None and not check()):
+                    return False
+                if session.connection_count > 0:
+                    return False
+                if self._sessions.get(session_id) is session:
+                    del self._sessions[session_id]
+                discarding = self._pending[session_id] = gevent.event.AsyncResult()
+                # Stopping callbacks may take seconds; the session is already
+                # out of reach.
+                session.destroy()
             context = self.server_context._session_contexts.pop(session_id, None)
             if context is not None:
                 context._destroyed = True
@@ -391,9 +387,10 @@ class ApplicationContext:
                 context._document = None
                 context._session = None
         finally:
-            if self._pending.get(session_id) is discarding:
-                del self._pending[session_id]
-            discarding.set(None)
+            if discarding is not None:
+                if self._pending.get(session_id) is discarding:
+                    del self._pending[session_id]
+                discarding.set(None)
         log.debug("App %s: discarded session %s", self.url, session_id)
         return True
 
