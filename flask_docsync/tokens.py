@@ -291,16 +291,3 @@ def origin_refusal(
         f" If this site is served under that name, {fix}."
     )
 
-
-def origin_allowed(
-    origin: str | None,
-    host: str | None,
-    scheme: str,
-    allowlist: tuple[str, ...],
-    *,
-    trusted_hosts: Collection[str] | None = None,
-    same_origin_hosts: tuple[str, ...] | None = None,
-) -> bool:
-    """Whether :func:`origin_refusal` lets a WebSocket from ``origin`` connect."""
-    return origin_refusal(origin, host, scheme, allowlist, trusted_hosts=trusted_hosts,
-                          same_origin_hosts=same_origin_hosts) is None

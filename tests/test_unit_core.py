@@ -19,7 +19,7 @@ from flask_docsync.config import Settings, parse_bool
 from flask_docsync.context import ApplicationContext, RequestData
 from flask_docsync.errors import ConfigurationError, ProtocolViolation, TokenError
 from flask_docsync.protocol import MessageDecoder, encode, protocol
-from flask_docsync.tokens import TokenPolicy, origin_allowed
+from flask_docsync.tokens import TokenPolicy, origin_refusal
 
 
 class Recorder:
@@ -179,7 +179,7 @@ def test_token_include_lists():
 )
 def test_origin_allowed(origin, host, allowlist, kwargs, allowed):
     scheme = "https" if (origin or "").startswith("https") else "http"
-    assert origin_allowed(origin, host, scheme, allowlist, **kwargs) is allowed
+    assert (origin_refusal(origin, host, scheme, allowlist, **kwargs) is None) is allowed
 
 
 # sessions ---------------------------------------------------------------------
