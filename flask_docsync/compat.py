@@ -19,6 +19,7 @@ from typing import Any
 
 import bokeh
 from bokeh.application.handlers.directory import DirectoryHandler
+from bokeh.application.handlers.handler import Handler
 from bokeh.application.handlers.lifecycle import LifecycleHandler
 from bokeh.core.has_props import HasProps
 from bokeh.document import document as _bokeh_document
@@ -219,7 +220,7 @@ def session_hook(handler: Any, name: str) -> Any:
     thread (``asyncio.to_thread``), which under gevent leaves the session's
     greenlet and its context. Calling the function directly, and awaiting
     what it returns, gives both releases the same behaviour. Other handlers
-    keep their method.
+    keep their method, unless it is the base class's empty one.
     """
     if isinstance(handler, DirectoryHandler):
         # An app directory's hooks live in its server_lifecycle.py/app_hooks.py handler.
@@ -228,4 +229,16 @@ def session_hook(handler: Any, name: str) -> Any:
         fn = getattr(handler, "_" + name, None)
         if callable(fn):
             return fn
+    if getattr(type(handler), name, None) is getattr(Handler, name, _missing):
+        # The base class's hook is an ``async def`` that does nothing; calling
+        # it would still cost a turn of the asyncio loop, for every session
+        # created and for every session discarded.
+        return _no_session_hook
     return getattr(handler, name)
+
+
+_missing = object()
+
+
+def _no_session_hook(session_context: Any) -> None:
+    return None
