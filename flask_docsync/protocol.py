@@ -91,7 +91,7 @@ class MessageDecoder:
     """
 
     def __init__(self) -> None:
-        self._receiver = Receiver(protocol)
+        self._receiver: Receiver | None = Receiver(protocol)
         self._expect_header = True
 
     def feed(self, fragment: str | bytes) -> Message[Any] | None:
@@ -99,7 +99,7 @@ class MessageDecoder:
         if self._expect_header:
             self._check_header(fragment)
         try:
-            message = _run_sync(self._receiver.consume(fragment))
+            message = _run_sync(self._receiver.consume(fragment))  # type: ignore[union-attr]
         except (MessageError, ProtocolError, ValidationError) as exc:
             raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"malformed message: {exc}") from None
         except KeyError as exc:
@@ -115,6 +115,19 @@ class MessageDecoder:
                 f"message type {message.msgtype!r} is sent by servers, not clients",
             )
         return message
+
+    def close(self) -> None:
+        """Let go of the receiver; the decoder is not fed again.
+
+        Bokeh's ``Receiver`` keeps its next step as a bound method of
+        itself, a reference cycle: left alone, the receiver of a closed
+        connection (and the last message it assembled) waits for Python's
+        next full collection, which runs rarely once the heap is large.
+        """
+        receiver = self._receiver
+        if receiver is not None:
+            self._receiver = None
+            vars(receiver).clear()
 
     def _check_header(self, fragment: str | bytes) -> None:
         # Checked before Bokeh's receiver sees it so a bad header gets a clear
