@@ -72,8 +72,10 @@ def pct(values: list[float], q: float) -> float:
 class Server:
     """One ``bokeh serve`` or ``flask-docsync serve`` process on a free port."""
 
-    def __init__(self, kind: str, logdir: Path, log_level: str = "warning", extra: list[str] | None = None) -> None:
+    def __init__(self, kind: str, logdir: Path, log_level: str = "warning", extra: list[str] | None = None,
+                 apps: tuple[str, ...] = APPS) -> None:
         self.kind = kind
+        self.apps = apps
         self.logdir = logdir
         self.log_level = log_level
         self.extra = extra or []
@@ -88,7 +90,7 @@ class Server:
     def command(self) -> list[str]:
         return [
             sys.executable, "-m", KINDS[self.kind], "serve",
-            *[str(APPS_DIR / f"{a}.py") for a in APPS],
+            *[str(APPS_DIR / f"{a}.py") for a in self.apps],
             "--port", str(self.port), "--address", HOST,
             "--allow-websocket-origin", f"{HOST}:{self.port}",
             "--unused-session-lifetime", str(LIFETIME_MS),

@@ -19,7 +19,9 @@ from typing import Any
 
 import bokeh
 from bokeh.application.handlers.directory import DirectoryHandler
+from bokeh.application.handlers.handler import Handler
 from bokeh.application.handlers.lifecycle import LifecycleHandler
+from bokeh.core.has_props import HasProps
 from bokeh.document import document as _bokeh_document
 from bokeh.io import doc as _bokeh_io_doc
 
@@ -122,16 +124,23 @@ def _no_referrers(*objects: Any) -> list[Any]:
 
 
 def destroy_document(doc: Any, session: Any) -> None:
-    """``Document.destroy(session)`` without its full garbage collection.
+    """``Document.destroy(session)`` without its full garbage collection,
+    then break the reference cycles it leaves.
 
     Bokeh runs ``gc.collect()`` for every destroyed document, and
     ``gc.get_referrers()`` for every script module (a diagnostic check);
     both scan the whole heap, which with a large heap costs tens to hundreds
     of milliseconds per session and stalls every other session on the event
-    loop. The document's reference cycles are left to Python's automatic
-    collector instead (tests/test_leaks.py checks that they are collected).
-    ``destroy`` does no I/O, so no other greenlet can observe the swap.
+    loop. Instead :func:`_break_cycles` clears what ``destroy`` leaves in
+    reference cycles, so reference counting frees the document at once and
+    nothing waits for Python's generational collector (which runs a full
+    collection rarely once the heap is large). ``destroy`` does no I/O, so
+    no other greenlet can observe the swap.
     """
+    # Read before destroy: it deletes the document's model index.
+    models = list(doc.models)
+    config = getattr(doc, "config", None)
+    callbacks = doc.callbacks
     real_gc = _bokeh_document.gc
     real_get_referrers = gc.get_referrers
     _bokeh_document.gc = _NoFullCollect  # type: ignore[assignment]
@@ -141,6 +150,65 @@ def destroy_document(doc: Any, session: Any) -> None:
     finally:
         _bokeh_document.gc = real_gc
         gc.get_referrers = real_get_referrers
+    _break_cycles(models, config, callbacks)
+
+
+def _break_cycles(models: list[Any], config: Any, callbacks: Any) -> None:
+    """Clear what keeps a destroyed document's objects in reference cycles.
+
+    ``Document.destroy`` clears each model's property values but leaves:
+
+    - the cached default and themed values of every model (Bokeh creates a
+      list, dict or model default on first read and keeps it, and every
+      such container points back at its owner model), including those of
+      models reachable only through such defaults;
+    - the document's ``config`` model, which is not one of its models;
+    - the document's session callbacks, whose wrappers close over the
+      document.
+
+    The caches are refilled on the next read, so a model that live code
+    still holds keeps working as after Bokeh's own ``destroy``; the rest
+    belonged to the destroyed document alone. Attributes a Bokeh release
+    does not have are skipped, leaving those cycles to the collector.
+    """
+    if config is not None and hasattr(config, "destroy"):
+        config.destroy()
+        models.append(config)
+    seen: set[int] = set()
+    while models:
+        model = models.pop()
+        if id(model) in seen:
+            continue
+        seen.add(id(model))
+        try:
+            with_refs = type(model).properties_with_refs()
+        except Exception:
+            with_refs = {}
+        for name in ("_unstable_default_values", "_unstable_themed_values"):
+            cache = getattr(model, name, None)
+            if not isinstance(cache, dict):
+                continue
+            for prop, value in cache.items():
+                if prop in with_refs:
+                    _models_in(value, models)
+            cache.clear()
+    session_callbacks = getattr(callbacks, "_session_callbacks", None)
+    if isinstance(session_callbacks, set):
+        session_callbacks.clear()
+
+
+def _models_in(value: Any, out: list[Any]) -> None:
+    # Only cached defaults of properties that can hold models get here, never
+    # values an app set, so this does not walk data columns.
+    if isinstance(value, HasProps):
+        out.append(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _models_in(key, out)
+            _models_in(item, out)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            _models_in(item, out)
 
 
 def session_hook(handler: Any, name: str) -> Any:
@@ -152,7 +220,7 @@ def session_hook(handler: Any, name: str) -> Any:
     thread (``asyncio.to_thread``), which under gevent leaves the session's
     greenlet and its context. Calling the function directly, and awaiting
     what it returns, gives both releases the same behaviour. Other handlers
-    keep their method.
+    keep their method, unless it is the base class's empty one.
     """
     if isinstance(handler, DirectoryHandler):
         # An app directory's hooks live in its server_lifecycle.py/app_hooks.py handler.
@@ -161,4 +229,16 @@ def session_hook(handler: Any, name: str) -> Any:
         fn = getattr(handler, "_" + name, None)
         if callable(fn):
             return fn
+    if getattr(type(handler), name, None) is getattr(Handler, name, _missing):
+        # The base class's hook is an ``async def`` that does nothing; calling
+        # it would still cost a turn of the asyncio loop, for every session
+        # created and for every session discarded.
+        return _no_session_hook
     return getattr(handler, name)
+
+
+_missing = object()
+
+
+def _no_session_hook(session_context: Any) -> None:
+    return None

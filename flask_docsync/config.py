@@ -121,6 +121,12 @@ class Settings:
     index_template: str | None = None
     #: With a single app, redirect the index to it as Bokeh does.
     index_redirect: bool = True
+    #: Give the memory of discarded sessions back to the system
+    #: (:mod:`flask_docsync.reclaim`): freeze the heap as it is when the
+    #: server starts out of garbage collection, and after cleanup passes
+    #: collect (when cheap), clear the type cache and trim glibc's heap.
+    #: ``False`` leaves the process's collector and allocator alone.
+    reclaim_memory: bool = True
 
     @property
     def signed(self) -> bool:
@@ -184,7 +190,7 @@ class Settings:
         for name in ("sign_sessions", "recreate_expired_sessions"):
             if values.get(name) is not None:
                 values[name] = parse_bool(values[name], "DOCSYNC_" + name.upper())
-        for name in ("generate_session_ids", "index", "index_redirect", "stats_endpoint"):
+        for name in ("generate_session_ids", "index", "index_redirect", "stats_endpoint", "reclaim_memory"):
             if values.get(name) is not None:
                 values[name] = parse_bool(values[name], "DOCSYNC_" + name.upper())
         for name in ("session_token_expiration", "keep_alive_ms", "check_unused_sessions_ms",

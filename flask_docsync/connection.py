@@ -289,6 +289,7 @@ class ServerConnection:
             code, reason = CLOSE_INTERNAL_ERROR, "internal server error"
         finally:
             session.unsubscribe(self)
+            self._decoder.close()
             self._finish(code, reason)
             session.notify_connection_lost()
 

@@ -118,7 +118,7 @@ class MessageDecoder:
     """
 
     def __init__(self, max_message_size: int | None = None) -> None:
-        self._receiver = Receiver(protocol)
+        self._receiver: Receiver | None = Receiver(protocol)
         self._max_size = max_message_size
         self._fragments: list[str | bytes] = []
         self._expected = 0
@@ -169,7 +169,7 @@ class MessageDecoder:
 
     def _consume(self, fragment: str | bytes) -> Message[Any] | None:
         try:
-            return _run_sync(self._receiver.consume(fragment))
+            return _run_sync(self._receiver.consume(fragment))  # type: ignore[union-attr]
         except (MessageError, ProtocolError, ValidationError) as exc:
             raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"malformed message: {exc}") from None
         except KeyError as exc:
@@ -178,6 +178,20 @@ class MessageDecoder:
             raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"malformed message: {exc}") from None
         except RecursionError:
             raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "malformed message: JSON nested too deeply") from None
+
+    def close(self) -> None:
+        """Let go of the receiver and any partial message; the decoder is not fed again.
+
+        Bokeh's ``Receiver`` keeps its next step as a bound method of
+        itself, a reference cycle: left alone, the receiver of a closed
+        connection (and the last message it assembled) waits for Python's
+        next full collection, which runs rarely once the heap is large.
+        """
+        self._fragments = []
+        receiver = self._receiver
+        if receiver is not None:
+            self._receiver = None
+            vars(receiver).clear()
 
     @staticmethod
     def _check_buffer_header(fragment: str) -> None:

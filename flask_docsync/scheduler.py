@@ -36,6 +36,10 @@ def from_other_thread(hub: Any, thread: int, method: Callable[..., Any], *args: 
     return True
 
 
+def _closed(callback: SessionCallback) -> None:
+    """What a closed scheduler has instead of its session's invoke method."""
+
+
 class _Entry:
     __slots__ = ("greenlet", "running")
 
@@ -108,8 +112,11 @@ class CallbackScheduler:
         entry = self._entries.pop(callback, None)
         if entry is None or entry.greenlet is None:
             return
-        if not entry.running and entry.greenlet is not gevent.getcurrent():
-            entry.greenlet.kill(block=False)
+        # Dropped so a killed greenlet's traceback (frame -> entry) does not
+        # lead back to the greenlet: see close().
+        greenlet, entry.greenlet = entry.greenlet, None
+        if not entry.running and greenlet is not gevent.getcurrent():
+            greenlet.kill(block=False)
 
     def close(self) -> None:
         """Stop every callback; used when the session is destroyed.
@@ -118,6 +125,7 @@ class CallbackScheduler:
         the others are killed, waiting at most :data:`KILL_TIMEOUT`.
         """
         self._closed = True
+        entries = list(self._entries.values())
         self._entries.clear()
         current = gevent.getcurrent()
         others = [g for g in self._group if g is not current]
@@ -128,6 +136,14 @@ class CallbackScheduler:
             stuck = [g for g in others if not g.dead]
             if stuck:
                 log.warning("Session %s: %d callback greenlet(s) ignored kill", self._name, len(stuck))
+        # A killed greenlet keeps its GreenletExit, whose traceback holds the
+        # frame that holds the entry that holds the greenlet; and the session
+        # holds this scheduler, which holds the session's method. Cut both
+        # cycles so the session and its callbacks are freed by reference
+        # counting (the closed scheduler never invokes anything again).
+        for entry in entries:
+            entry.greenlet = None
+        self._invoke = _closed
 
     def _run_once(self, callback: SessionCallback, entry: _Entry) -> None:
         if self._entries.get(callback) is not entry:

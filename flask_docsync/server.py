@@ -20,7 +20,7 @@ from .config import Settings
 from .connection import ServerConnection
 from .context import ApplicationContext, RequestData
 from .errors import SessionError, TokenError, UnknownApplication
-from . import deploy, monitor
+from . import deploy, monitor, reclaim
 from .protocol import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 from .scheduler import CallbackScheduler
 from .session import ServerSession, callback_stats, live_sessions
@@ -74,6 +74,9 @@ class DocSyncServer:
         self.contexts: dict[str, ApplicationContext] = {}
         self.connections: set[ServerConnection] = set()
         self._greenlets: list[gevent.Greenlet] = []
+        #: Returns the memory of discarded sessions to the system (see
+        #: :mod:`flask_docsync.reclaim`); the cleanup loop calls it.
+        self.reclaimer = reclaim.Reclaimer(lambda: len(live_sessions()), enabled=settings.reclaim_memory)
         self._started = False
         self._stopping = False
         self._stop_hooked = False
@@ -135,6 +138,7 @@ class DocSyncServer:
         monitor.enable(self.settings.blocking_warning_ms)
         for context in self.contexts.values():
             context.run_load_hook()
+        self.reclaimer.start()
         cleanup = gevent.spawn(self._cleanup_loop)
         cleanup.name = "docsync-unused-session-cleanup"
         self._greenlets.append(cleanup)
@@ -160,6 +164,7 @@ class DocSyncServer:
             greenlet.kill(block=False)
         gevent.joinall(self._greenlets, timeout=5)
         self._greenlets.clear()
+        self.reclaimer.stop()
         for connection in list(self.connections):
             connection.close(code, reason)
         deadline = gevent.Timeout(5)
@@ -299,6 +304,7 @@ class DocSyncServer:
             "queued_messages": sum(c.queued for c in self.connections),
             "greenlets_scheduled": sum(a["callbacks"] for a in apps.values()),
             "callbacks": dict(callback_stats),
+            "reclaim": dict(self.reclaimer.figures),
             "apps": apps,
         }
 
@@ -309,11 +315,14 @@ class DocSyncServer:
         lifetime = self.settings.unused_session_lifetime_ms
         while True:
             gevent.sleep(interval)
+            discarded = 0
             for context in list(self.contexts.values()):
                 try:
-                    context.cleanup_unused_sessions(lifetime)
+                    discarded += context.cleanup_unused_sessions(lifetime)
                 except Exception:
                     log.exception("App %s: unused-session cleanup failed", context.url)
+            if discarded:
+                self.reclaimer.request()
 
     def _stats_loop(self) -> None:
         interval = self.settings.stats_log_ms / 1000.0
