@@ -262,7 +262,9 @@ def render(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         o = value(results.get("docsync"), path, group)
         if math.isnan(b) and math.isnan(o):
             continue
-        ratio = o / b if b and not math.isnan(b) and not math.isnan(o) else math.nan
+        # A ratio of two growth percentages near zero says nothing.
+        comparable = not figure.startswith("RSS growth")
+        ratio = o / b if comparable and b and not math.isnan(b) and not math.isnan(o) else math.nan
         mark = ""
         met = check(o, ratio) if check is not None and not math.isnan(o) else None
         if met is not None:
@@ -271,7 +273,7 @@ def render(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         label = titles[group] if group not in shown else ""
         shown.add(group)
         lines.append(f"| {label} | {figure} | {cells[0]} | {cells[1]} |"
-                     f" {'–' if math.isnan(ratio) else f'{ratio:.2f}×'} | {target}{mark} |")
+                     f" {'–' if math.isnan(ratio) else f'{ratio:.3f}×' if ratio < 0.1 else f'{ratio:.2f}×'} | {target}{mark} |")
     return "\n".join(lines)
 
 

@@ -25,7 +25,10 @@ A full collection scans every tracked object that is not frozen, so its
 cost grows with the live sessions (a few thousand objects each): on a
 2-core VM about 0.7 ms per live session on top of the ~50 ms the start-up
 heap takes until it is frozen. It cannot be interrupted, so it runs only
-when predicted to fit :data:`COLLECT_BUDGET_S`.
+when predicted to fit :data:`COLLECT_BUDGET_S`. With hundreds of sessions
+still alive it is skipped: the free lists keep their blocks and most freed
+arenas stay mapped (new sessions reuse them) until Python's own next full
+collection.
 """
 
 from __future__ import annotations
