@@ -136,3 +136,12 @@ def session_leak_detector() -> Iterator[None]:
     yield
     leaked = [s for s in live_sessions() if id(s) not in before]
     assert not leaked, f"test left {len(leaked)} live session(s): {leaked}"
+
+
+@pytest.fixture
+def contexts():
+    """ApplicationContexts a unit test makes; every session of each is discarded afterwards."""
+    made: list = []
+    yield made
+    for context in made:
+        context.destroy_all(force=True)

@@ -53,14 +53,6 @@ def no_garbage_collector() -> Iterator[None]:
             gc.enable()
 
 
-@pytest.fixture
-def contexts():
-    made: list[ApplicationContext] = []
-    yield made
-    for context in made:
-        context.destroy_all(force=True)
-
-
 def _session(context: ApplicationContext, session_id: str):
     return context.create_session_if_needed(session_id, RequestData(), "token", {})
 

@@ -49,14 +49,6 @@ def new_session(context: ApplicationContext, session_id: str = "s1"):
     return context.create_session_if_needed(session_id, RequestData(), token, {})
 
 
-@pytest.fixture
-def contexts():
-    made: list[ApplicationContext] = []
-    yield made
-    for context in made:
-        context.destroy_all(force=True)
-
-
 # protocol ------------------------------------------------------------------
 
 def test_encode_decode_round_trip_with_buffers():
