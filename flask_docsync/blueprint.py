@@ -37,9 +37,9 @@ from werkzeug.wrappers import Response as BaseResponse
 from . import websocket
 from .apps import normalize_route
 from .context import RequestData
-from .errors import ConfigurationError, SessionError, TokenError, UnknownApplication
+from .errors import ConfigurationError, HandshakeError, SessionError, TokenError, UnknownApplication
 from .tokens import origin_refusal
-from .transport import WebSocketDone
+from .sock import WebSocketDone
 
 if TYPE_CHECKING:
     from .server import DocSyncServer
@@ -330,7 +330,7 @@ def ws(app_path: str = "") -> Response:
         return _refuse(400, "This URL takes a WebSocket connection (Upgrade: websocket).")
     try:
         websocket.validate_upgrade(environ)
-    except websocket.HandshakeError as exc:
+    except HandshakeError as exc:
         log.warning("WebSocket %s refused (%d): %s", request.path, exc.status, exc.reason)
         return _refuse(exc.status, exc.reason, exc.headers)
     origin = request.headers.get("Origin") or request.headers.get("Sec-WebSocket-Origin")

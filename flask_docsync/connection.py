@@ -9,9 +9,9 @@ writes itself when nothing is queued or being written (see
 :meth:`ServerConnection._reply`); the WebSocket's write lock keeps the two
 writers' frames apart.
 
-``ws`` is any object with ``receive()``, ``send_many(frames)``,
-``ping(payload)``, ``close(code, reason)`` and ``abort()``; see
-:mod:`flask_docsync.websocket`.
+``ws`` is any :class:`~flask_docsync.transport.Transport`: the RFC 6455
+layer of :mod:`flask_docsync.websocket` in production, the test client's
+in-memory socket in tests.
 """
 
 from __future__ import annotations
@@ -25,13 +25,8 @@ import gevent
 import gevent.queue
 
 from . import monitor
-from .errors import ProtocolViolation
+from .errors import CloseCode, ConnectionClosed, MessageTooBig, ProtocolViolation
 from .protocol import (
-    CLOSE_INTERNAL_ERROR,
-    CLOSE_NORMAL,
-    CLOSE_POLICY_VIOLATION,
-    CLOSE_PROTOCOL_ERROR,
-    CLOSE_TRY_AGAIN_LATER,
     MessageDecoder,
     check_content_depth,
     encode,
@@ -42,6 +37,7 @@ if TYPE_CHECKING:
     from bokeh.protocol.message import Message
 
     from .session import ServerSession
+    from .transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +79,7 @@ class ServerConnection:
     """
 
     def __init__(
-        self, ws: Any, session: ServerSession, max_queue: int, max_message_size: int | None = None
+        self, ws: Transport, session: ServerSession, max_queue: int, max_message_size: int | None = None
     ) -> None:
         self.id = next(_ids)
         self.ws = ws
@@ -117,7 +113,7 @@ class ServerConnection:
     def send_message(self, message: Message[Any]) -> None:
         self.send_frames(encode(message))
 
-    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close after the messages already queued have been sent."""
         if self._closing:
             return
@@ -134,7 +130,7 @@ class ServerConnection:
             self.session.id, self.id, self._queue.qsize(),
         )
         self._closing = True
-        self._drop_queue_and_close(CLOSE_POLICY_VIOLATION, "client too slow: outbound queue full")
+        self._drop_queue_and_close(CloseCode.POLICY_VIOLATION, "client too slow: outbound queue full")
 
     def _drop_queue(self) -> None:
         while True:
@@ -161,7 +157,7 @@ class ServerConnection:
         """
         if self._closing:
             return
-        last_pong = getattr(self.ws, "last_pong", None)
+        last_pong = self.ws.last_pong
         if self._ping_sent_at is not None and (last_pong is None or last_pong < self._ping_sent_at):
             self._missed_pongs += 1
             if self._missed_pongs >= MISSED_PONGS_ALLOWED:
@@ -169,7 +165,7 @@ class ServerConnection:
                     "Session %s: connection %d missed %d keep-alive pongs; closing it",
                     self.session.id, self.id, self._missed_pongs,
                 )
-                self.close(CLOSE_POLICY_VIOLATION, "keep-alive timeout")
+                self.close(CloseCode.POLICY_VIOLATION, "keep-alive timeout")
                 gevent.spawn_later(OVERFLOW_GRACE, self._abort_if_stuck)
                 return
         else:
@@ -230,8 +226,6 @@ class ServerConnection:
         (a broken socket would anyway, an encoding error would not) and the
         writer is told to stop, so the reader's cleanup need not wait for it.
         """
-        from .websocket import ConnectionClosed
-
         if isinstance(exc, (OSError, ConnectionClosed)):
             log.debug("Session %s: connection %d write failed: %r", self.session.id, self.id, exc)
         else:
@@ -240,20 +234,18 @@ class ServerConnection:
         self._closing = True
         self._drop_queue()
         self._queue.put_nowait(_STOP)
-        if not getattr(self.ws, "closed", False):
+        if not self.ws.closed:
             self.ws.abort()
 
     def run(self) -> None:
         """Serve the connection until it closes; call from the request greenlet."""
-        from .websocket import ConnectionClosed, MessageTooBig
-
         session = self.session
-        code, reason = CLOSE_NORMAL, ""
+        code, reason = CloseCode.NORMAL, ""
         if not session.subscribe(self):
             # Destroyed between the handshake and now (a server stop): a
             # reconnect gets whatever session the token allows then.
             log.info("Session %s: connection %d refused: the session has ended", session.id, self.id)
-            self._finish(CLOSE_TRY_AGAIN_LATER, "the session has ended; reconnect")
+            self._finish(CloseCode.TRY_AGAIN_LATER, "the session has ended; reconnect")
             return
         self.send_message(protocol.create("ACK"))
         try:
@@ -264,7 +256,7 @@ class ServerConnection:
                 message = self._decoder.feed(fragment)
                 if message is not None:
                     self._handle(message)
-                    if getattr(self.ws, "buffered", False):
+                    if self.ws.buffered:
                         # Parsing what is already buffered never yields to
                         # the event loop: a client that sends requests faster
                         # than they are served would keep every other
@@ -274,7 +266,7 @@ class ServerConnection:
             log.warning("Session %s: connection %d closed 1009: %s", session.id, self.id, exc.reason)
         except ConnectionClosed as exc:
             # 1002/1007: a frame broke RFC 6455 (or the client says ours did).
-            level = logging.WARNING if exc.code in (CLOSE_PROTOCOL_ERROR, 1007) else logging.DEBUG
+            level = logging.WARNING if exc.code in (CloseCode.PROTOCOL_ERROR, CloseCode.INVALID_DATA) else logging.DEBUG
             log.log(level, "Session %s: connection %d closed (%s %s)", session.id, self.id, exc.code, exc.reason)
         except ProtocolViolation as exc:
             log.warning(
@@ -282,11 +274,11 @@ class ServerConnection:
             )
             code, reason = exc.code, exc.reason
         except gevent.GreenletExit:
-            code, reason = CLOSE_NORMAL, "server shutting down"
+            code, reason = CloseCode.NORMAL, "server shutting down"
             raise
         except Exception:
             log.exception("Session %s: connection %d failed", session.id, self.id)
-            code, reason = CLOSE_INTERNAL_ERROR, "internal server error"
+            code, reason = CloseCode.INTERNAL_ERROR, "internal server error"
         finally:
             session.unsubscribe(self)
             self._decoder.close()
@@ -301,7 +293,7 @@ class ServerConnection:
                 self._writer.kill(block=False)
                 self.ws.abort()
                 return
-        if not getattr(self.ws, "closed", False):
+        if not self.ws.closed:
             self.ws.close(code, reason)
 
     def _handle(self, message: Message[Any]) -> None:
@@ -324,8 +316,8 @@ class ServerConnection:
         if error_text is not None:
             # Created outside the except block: Bokeh's ERROR message would
             # otherwise attach the server's traceback for the client to read.
-            reply = protocol.create("ERROR", msgid, error_text)
-        self._reply(reply if isinstance(reply, list) else encode(reply))
+            reply = encode(protocol.create("ERROR", msgid, error_text))
+        self._reply(reply)
 
     def _reply(self, frames: list[str | bytes]) -> None:
         """Send the reply to a request of this client, from the reader.
@@ -349,7 +341,8 @@ class ServerConnection:
     def _describe(self, msgtype: str) -> str:
         return f"Session {self.session.id}: {msgtype} from connection {self.id}"
 
-    def _dispatch(self, message: Message[Any]) -> Message[Any] | list[str | bytes]:
+    def _dispatch(self, message: Message[Any]) -> list[str | bytes]:
+        """The frames of the reply to ``message``."""
         session = self.session
         msgtype = message.msgtype
         msgid = message.header["msgid"]
@@ -362,6 +355,6 @@ class ServerConnection:
         if msgtype == "PUSH-DOC":
             return session.handle_push(message, self)
         if msgtype == "SERVER-INFO-REQ":
-            return protocol.create("SERVER-INFO-REPLY", msgid)
+            return encode(protocol.create("SERVER-INFO-REPLY", msgid))
         # MessageDecoder lets only client message types through.
         raise ProtocolViolation(1002, f"unexpected message type {msgtype!r}")

@@ -21,7 +21,7 @@ from .context import RequestData
 from .errors import SessionError
 from .server import DocSyncServer
 from .session import ServerSession
-from .transport import bokeh_app_protocol
+from .sock import bokeh_app_protocol
 
 log = logging.getLogger(__name__)
 

@@ -17,18 +17,10 @@ from bokeh.protocol.exceptions import MessageError, ProtocolError, ValidationErr
 from bokeh.protocol.message import Message
 from bokeh.protocol.receiver import Receiver
 
-from .errors import ProtocolViolation
+from .errors import CloseCode, ProtocolViolation
 
-# RFC 6455 close codes used by the server. Bokeh 3.9 sends 10000/10001,
-# which are outside the valid range and make clients fail the close itself.
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_INTERNAL_ERROR = 1011
-CLOSE_SERVICE_RESTART = 1012
-CLOSE_TRY_AGAIN_LATER = 1013
+# Bokeh 3.9 closes with 10000/10001, outside the valid range, which makes
+# clients fail the close itself; every code here is a CloseCode.
 
 #: Message types a client may send; the others are server-to-client only.
 CLIENT_MESSAGE_TYPES = frozenset({"PULL-DOC-REQ", "PUSH-DOC", "PATCH-DOC", "SERVER-INFO-REQ"})
@@ -135,19 +127,19 @@ class MessageDecoder:
             if not isinstance(fragment, str):
                 part = ("metadata", "content")[position - 1] if position < 3 else "buffer header"
                 raise ProtocolViolation(
-                    CLOSE_PROTOCOL_ERROR, f"malformed message: expected a text frame with the {part}"
+                    CloseCode.PROTOCOL_ERROR, f"malformed message: expected a text frame with the {part}"
                 )
             if position >= 3:
                 self._check_buffer_header(fragment)
         elif not isinstance(fragment, bytes):
             raise ProtocolViolation(
-                CLOSE_PROTOCOL_ERROR, "malformed message: expected a binary frame with a buffer payload"
+                CloseCode.PROTOCOL_ERROR, "malformed message: expected a binary frame with a buffer payload"
             )
         self._size += _wire_size(fragment) + FRAGMENT_COST
         if self._max_size is not None and self._size > self._max_size:
             fragments.clear()
             raise ProtocolViolation(
-                CLOSE_TOO_BIG,
+                CloseCode.MESSAGE_TOO_BIG,
                 f"message over the limit of {self._max_size} bytes (header, metadata,"
                 " content and buffers together)",
             )
@@ -159,10 +151,10 @@ class MessageDecoder:
         for part in fragments:
             message = self._consume(part)
         if message is None:  # pragma: no cover - the receiver counts as we do
-            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "malformed message: incomplete")
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "malformed message: incomplete")
         if message.msgtype not in CLIENT_MESSAGE_TYPES:
             raise ProtocolViolation(
-                CLOSE_PROTOCOL_ERROR,
+                CloseCode.PROTOCOL_ERROR,
                 f"message type {message.msgtype!r} is sent by servers, not clients",
             )
         return message
@@ -171,13 +163,13 @@ class MessageDecoder:
         try:
             return _run_sync(self._receiver.consume(fragment))  # type: ignore[union-attr]
         except (MessageError, ProtocolError, ValidationError) as exc:
-            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"malformed message: {exc}") from None
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, f"malformed message: {exc}") from None
         except KeyError as exc:
-            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"unknown message type {exc}") from None
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, f"unknown message type {exc}") from None
         except (ValueError, TypeError, AttributeError) as exc:
-            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"malformed message: {exc}") from None
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, f"malformed message: {exc}") from None
         except RecursionError:
-            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "malformed message: JSON nested too deeply") from None
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "malformed message: JSON nested too deeply") from None
 
     def close(self) -> None:
         """Let go of the receiver and any partial message; the decoder is not fed again.
@@ -200,35 +192,35 @@ class MessageDecoder:
         try:
             header = json.loads(fragment)
         except (ValueError, RecursionError):
-            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "malformed message: buffer header is not valid JSON") from None
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "malformed message: buffer header is not valid JSON") from None
         if not isinstance(header, dict) or set(header) != {"id"}:
-            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"malformed message: Malformed buffer header {header!r}")
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, f"malformed message: Malformed buffer header {header!r}")
 
     def _check_header(self, fragment: str | bytes) -> int:
         # Checked before Bokeh's receiver sees it so a bad header gets a clear
         # reason instead of a KeyError deep inside message assembly.
         if not isinstance(fragment, str):
-            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "expected a text frame with a message header")
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "expected a text frame with a message header")
         try:
             header = json.loads(fragment)
         except ValueError:
-            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "message header is not valid JSON") from None
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "message header is not valid JSON") from None
         except RecursionError:
-            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "message header: JSON nested too deeply") from None
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "message header: JSON nested too deeply") from None
         if not isinstance(header, dict) or "msgtype" not in header or "msgid" not in header:
-            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "message header needs 'msgid' and 'msgtype'")
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "message header needs 'msgid' and 'msgtype'")
         msgtype = header["msgtype"]
         if not isinstance(msgtype, str) or msgtype not in protocol._messages:
-            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"unknown message type {msgtype!r}")
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, f"unknown message type {msgtype!r}")
         if msgtype not in CLIENT_MESSAGE_TYPES:
             # Refused before its content arrives: nothing of it is used.
             raise ProtocolViolation(
-                CLOSE_PROTOCOL_ERROR,
+                CloseCode.PROTOCOL_ERROR,
                 f"message type {msgtype!r} is sent by servers, not clients",
             )
         num_buffers = header.get("num_buffers", 0)
         if type(num_buffers) is not int or not 0 <= num_buffers <= MAX_BUFFERS:
             raise ProtocolViolation(
-                CLOSE_PROTOCOL_ERROR, f"num_buffers must be an integer from 0 to {MAX_BUFFERS}"
+                CloseCode.PROTOCOL_ERROR, f"num_buffers must be an integer from 0 to {MAX_BUFFERS}"
             )
         return num_buffers

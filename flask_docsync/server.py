@@ -19,9 +19,8 @@ from . import compat
 from .config import Settings
 from .connection import ServerConnection
 from .context import ApplicationContext, RequestData
-from .errors import SessionError, TokenError, UnknownApplication
+from .errors import CloseCode, SessionError, TokenError, UnknownApplication
 from . import deploy, monitor, reclaim
-from .protocol import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 from .scheduler import CallbackScheduler
 from .session import ServerSession, callback_stats, live_sessions
 from .tokens import TokenPolicy
@@ -153,9 +152,9 @@ class DocSyncServer:
 
     def _stop_on_signal(self, name: str) -> None:
         log.info("Worker received %s: closing WebSockets and destroying sessions", name)
-        self.stop(CLOSE_SERVICE_RESTART, "server restarting")
+        self.stop(CloseCode.SERVICE_RESTART, "server restarting")
 
-    def stop(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down") -> None:
+    def stop(self, code: int = CloseCode.GOING_AWAY, reason: str = "server shutting down") -> None:
         """Close every connection, destroy every session, run unload hooks."""
         if not self._started or self._stopping:
             return

@@ -342,11 +342,12 @@ class ServerSession:
     def _describe(self, callback: SessionCallback) -> str:
         return f"Session {self._id}: {type(callback).__name__} {describe_callback(callback)}"
 
-    # Message handlers; each returns the reply to send.
+    # Message handlers; each returns the frames of the reply to send.
 
-    def handle_pull(self, message: Message[Any], connection: Subscriber) -> Message[Any]:
+    def handle_pull(self, message: Message[Any], connection: Subscriber) -> list[str | bytes]:
         with self._locked():
-            return protocol.create("PULL-DOC-REPLY", message.header["msgid"], self._document)
+            reply = protocol.create("PULL-DOC-REPLY", message.header["msgid"], self._document)
+        return encode(reply)
 
     def handle_push(self, message: Any, connection: Subscriber) -> list[str | bytes]:
         with self._app_scope(), self._locked():

@@ -51,7 +51,7 @@ import gevent.queue
 from bokeh.core.serialization import Serializable
 
 from .apps import normalize_route
-from .errors import ConfigurationError, DocSyncError, SessionError, UnknownApplication
+from .errors import ConfigurationError, ConnectionClosed, DocSyncError, SessionError, UnknownApplication
 from .scheduler import _get_ident, from_other_thread
 
 if TYPE_CHECKING:
@@ -333,8 +333,6 @@ class InMemoryWebSocket:
     def deliver(self, frames: Sequence[str | bytes]) -> None:
         """Queue WebSocket messages for the server to read, in order."""
         if self.closed:
-            from .websocket import ConnectionClosed
-
             raise ConnectionClosed(self.close_code or 1006, self.close_reason)
         for frame in frames:
             self._incoming.put(frame)
@@ -346,9 +344,11 @@ class InMemoryWebSocket:
 
     # The server's end
 
-    def receive(self, timeout: float | None = None) -> str | bytes | None:
-        from .websocket import ConnectionClosed
+    @property
+    def buffered(self) -> bool:
+        return not self._incoming.empty()
 
+    def receive(self, timeout: float | None = None) -> str | bytes | None:
         if self.closed:
             raise ConnectionClosed(self.close_code or 1006, self.close_reason)
         try:
@@ -366,8 +366,6 @@ class InMemoryWebSocket:
         self.send_many([message])
 
     def send_many(self, messages: Sequence[str | bytes]) -> None:
-        from .websocket import ConnectionClosed
-
         if self.closed:
             raise ConnectionClosed(self.close_code or 1006, self.close_reason)
         self._on_frames(list(messages))

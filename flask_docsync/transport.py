@@ -1,105 +1,73 @@
-"""Flask adapter of the WebSocket layer, with flask-sock's route idiom.
+"""The boundary between the transport-neutral core and a WebSocket layer.
 
-``Sock`` gives applications the API they know from flask-sock::
+:class:`~flask_docsync.connection.ServerConnection` serves a session over
+any object with the :class:`Transport` interface. The production layer is
+:class:`flask_docsync.websocket.WebSocket` (RFC 6455 on the WSGI server's
+socket under gevent); :class:`flask_docsync.testing.InMemoryWebSocket`
+is the test client's. A Flask view hands one to the core; tests inject
+theirs at the same place production makes its own, the WSGI environ key
+:data:`ENVIRON_KEY`, so everything above the socket runs as it does in
+production.
 
-    sock = Sock(app)
-
-    @sock.route("/echo")
-    def echo(ws):
-        while True:
-            ws.send(ws.receive())
-
-but runs on :mod:`flask_docsync.websocket` (whole-message ``sendall`` under
-one lock, no compression, proper close codes and TCP close on gevent). The
-Bokeh WebSocket routes of the ``docsync`` blueprint use the same pieces.
+This module imports neither Flask nor any WebSocket code.
 """
 
 from __future__ import annotations
 
-import functools
-import weakref
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
-from flask import Blueprint, Flask, Response, current_app, request
+__all__ = ["ENVIRON_KEY", "Transport"]
 
-from . import websocket
-from .config import DEFAULT_WEBSOCKET_MAX_MESSAGE_SIZE
-
-
-class WebSocketDone(Response):
-    """Ends the WSGI request once its WebSocket is finished, the way the server needs."""
-
-    def __init__(self, ws: Any) -> None:
-        super().__init__()
-        self._ws = ws
-
-    def __call__(self, environ: Any, start_response: Any) -> Any:  # type: ignore[override]
-        return self._ws.wsgi_response()
+#: A WSGI environ key holding a ready :class:`Transport` for the request.
+#: :meth:`flask_docsync.websocket.WebSocket.accept` returns it instead of
+#: taking over the client socket, once the upgrade request has passed the
+#: same checks as any other.
+ENVIRON_KEY = "flask_docsync.transport"
 
 
-def bokeh_app_protocol(path: str) -> str | None:
-    """gevent-websocket asks the WSGI app which subprotocol to select."""
-    return "bokeh" if path.rstrip("/").endswith("/ws") else None
+@runtime_checkable
+class Transport(Protocol):
+    """What the core needs of an accepted WebSocket.
 
-
-class Sock:
-    """Register plain WebSocket routes, as flask-sock does.
-
-    Options come from the ``SOCK_SERVER_OPTIONS`` config key:
-    ``subprotocols`` (the first one the client also offers is selected)
-    and ``max_message_size`` (bytes; ``None`` for no limit).
-
-    :param app: Bind at once; without it routes are collected on a
-        blueprint registered by :meth:`init_app`.
+    Every method raises :exc:`~flask_docsync.errors.ConnectionClosed` once
+    the connection is closed (except :meth:`close` and :meth:`abort`, which
+    then do nothing). One message is one WebSocket message; a Bokeh message
+    is several (header, metadata, content, buffers).
     """
 
-    def __init__(self, app: Flask | None = None) -> None:
-        self._blueprint = Blueprint("flask_docsync_sock", __name__)
-        # Apps bound before a route is declared get it directly; weak so a
-        # Sock never keeps an app alive.
-        self._bound: weakref.WeakSet[Flask] = weakref.WeakSet()
-        if app is not None:
-            self.init_app(app)
+    #: Whether the connection is closed, by either side or by :meth:`abort`.
+    closed: bool
+    #: ``time.monotonic()`` of the last pong received; ``None`` before the first.
+    last_pong: float | None
 
-    def init_app(self, app: Flask) -> None:
-        app.register_blueprint(self._blueprint)
-        self._bound.add(app)
+    @property
+    def buffered(self) -> bool:
+        """Whether data already received waits to be read.
 
-    def route(self, path: str, bp: Blueprint | Flask | None = None, **kwargs: Any) -> Callable[..., Any]:
-        """Decorator: ``f(ws, **view_args)`` serves WebSocket connections at ``path``."""
+        The reader yields to other greenlets after each Bokeh message while
+        this is true: parsing what has arrived never waits for the network,
+        so a client that sends faster than it is served would otherwise
+        keep the whole worker busy.
+        """
+        ...
 
-        def decorator(f: Callable[..., Any]) -> Callable[..., Any]:
-            @functools.wraps(f)
-            def websocket_view(*args: Any, **view_args: Any) -> Response:
-                options = current_app.config.get("SOCK_SERVER_OPTIONS", {})
-                offered = websocket.requested_subprotocols(request.environ)
-                chosen = next((p for p in options.get("subprotocols") or () if p in offered), None)
-                try:
-                    websocket.validate_upgrade(request.environ)
-                except websocket.HandshakeError as exc:
-                    return Response(exc.reason, status=exc.status, mimetype="text/plain")
-                ws = websocket.WebSocket.accept(
-                    request.environ,
-                    subprotocol=chosen,
-                    max_message_size=options.get("max_message_size", DEFAULT_WEBSOCKET_MAX_MESSAGE_SIZE),
-                )
-                try:
-                    f(ws, *args, **view_args)
-                except websocket.ConnectionClosed:
-                    pass
-                finally:
-                    ws.close()
-                return WebSocketDone(ws)
+    def receive(self, timeout: float | None = None) -> str | bytes | None:
+        """The next whole message; ``None`` after ``timeout`` seconds (``None`` waits for ever)."""
+        ...
 
-            kwargs["websocket"] = True
-            if bp is not None:
-                bp.route(path, **kwargs)(websocket_view)
-                return f
-            if not self._blueprint._got_registered_once:
-                self._blueprint.route(path, **kwargs)(websocket_view)
-            for app in list(self._bound):
-                app.route(path, **kwargs)(websocket_view)
-            return f
+    def send_many(self, messages: Sequence[str | bytes]) -> None:
+        """Send whole messages, in order, in one write that nothing else interleaves."""
+        ...
 
-        return decorator
+    def ping(self, payload: bytes = b"") -> None:
+        """Send a ping; the pong updates :attr:`last_pong`."""
+        ...
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close with ``code`` (a :class:`~flask_docsync.errors.CloseCode`) and wait briefly for the peer."""
+        ...
+
+    def abort(self) -> None:
+        """Drop the connection at once, without a close handshake."""
+        ...

@@ -40,19 +40,10 @@ import gevent
 import gevent.lock
 import gevent.socket
 
+from .errors import CloseCode, ConnectionClosed, HandshakeError, MessageTooBig
+from .transport import ENVIRON_KEY, Transport
+
 __all__ = [
-    "NORMAL",
-    "GOING_AWAY",
-    "PROTOCOL_ERROR",
-    "UNSUPPORTED_DATA",
-    "NO_STATUS",
-    "ABNORMAL",
-    "INVALID_DATA",
-    "POLICY_VIOLATION",
-    "MESSAGE_TOO_BIG",
-    "INTERNAL_ERROR",
-    "SERVICE_RESTART",
-    "TRY_AGAIN_LATER",
     "HandshakeError",
     "ConnectionClosed",
     "MessageTooBig",
@@ -64,19 +55,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-NORMAL = 1000
-GOING_AWAY = 1001
-PROTOCOL_ERROR = 1002
-UNSUPPORTED_DATA = 1003
-NO_STATUS = 1005
-ABNORMAL = 1006
-INVALID_DATA = 1007
-POLICY_VIOLATION = 1008
-MESSAGE_TOO_BIG = 1009
-INTERNAL_ERROR = 1011
-SERVICE_RESTART = 1012
-TRY_AGAIN_LATER = 1013
 
 _GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -160,69 +138,6 @@ def _truncate_reason(reason: str) -> str:
 
 def _close_payload(code: int, reason: str = "") -> bytes:
     return _U16.pack(code) + reason.encode("utf-8")
-
-
-class HandshakeError(Exception):
-    """The request is not an acceptable WebSocket upgrade, or the
-    connection cannot be taken over.
-
-    Answer the request with :attr:`status`, :attr:`headers` and
-    :attr:`reason` as a plain HTTP response.
-    """
-
-    #: The HTTP status to answer with: 400 for a malformed upgrade, 426
-    #: when the client speaks another WebSocket version, 500 when the
-    #: server does not let the application reach the client socket.
-    status: int
-
-    #: A human readable explanation that says how to fix the problem.
-    reason: str
-
-    #: Headers to add to the error response, for example
-    #: ``Sec-WebSocket-Version: 13`` for a 426 (RFC 6455 section 4.4).
-    headers: list[tuple[str, str]]
-
-    def __init__(
-        self, status: int, reason: str, headers: list[tuple[str, str]] | None = None
-    ) -> None:
-        super().__init__(status, reason)
-        self.status = status
-        self.reason = reason
-        self.headers = headers or []
-
-    def __str__(self) -> str:
-        return f"{self.status}: {self.reason}"
-
-
-class ConnectionClosed(Exception):
-    """The WebSocket connection is closed. Raised by every method that
-    needs an open connection.
-    """
-
-    #: The close code received from the client, or sent by the server if
-    #: it closed first. :data:`ABNORMAL` (1006) means the TCP connection
-    #: ended without a close frame; :data:`NO_STATUS` (1005) means the
-    #: client's close frame carried no code.
-    code: int
-
-    #: The reason that came with the close code, possibly empty.
-    reason: str
-
-    def __init__(self, code: int, reason: str = "") -> None:
-        super().__init__(code, reason)
-        self.code = code
-        self.reason = reason
-
-    def __str__(self) -> str:
-        if self.reason:
-            return f"WebSocket closed with code {self.code}: {self.reason}"
-        return f"WebSocket closed with code {self.code}"
-
-
-class MessageTooBig(ConnectionClosed):
-    """The client sent a message larger than ``max_message_size``. The
-    connection has been closed with :data:`MESSAGE_TOO_BIG` (1009).
-    """
 
 
 class _Fail(Exception):
@@ -518,7 +433,7 @@ class WebSocket:
         environ: dict[str, t.Any],
         subprotocol: str | None = None,
         max_message_size: int | None = 20 * 1024 * 1024,
-    ) -> WebSocket:
+    ) -> Transport:
         """Complete the WebSocket handshake for this request and return the
         connection.
 
@@ -540,9 +455,19 @@ class WebSocket:
 
         If gevent-websocket already answered the handshake, this returns a
         :class:`GeventWebSocketBackend` instead, and ``subprotocol`` only
-        serves to warn when gevent-websocket selected a different one.
+        serves to warn when gevent-websocket selected a different one. A
+        transport in ``environ[ENVIRON_KEY]`` (see
+        :mod:`flask_docsync.transport`) is returned as it is, once the
+        request has been validated.
         """
         _check_limit(max_message_size)
+
+        injected = environ.get(ENVIRON_KEY)
+        if injected is not None:
+            # A transport handed in by the test client: the request passes
+            # the same checks, only the socket is another.
+            validate_upgrade(environ)
+            return injected
 
         gws = environ.get("wsgi.websocket")
         if gws is not None:
@@ -597,7 +522,7 @@ class WebSocket:
             sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         except OSError as exc:
             raise ConnectionClosed(
-                ABNORMAL, f"the client went away during the handshake: {exc}"
+                CloseCode.ABNORMAL, f"the client went away during the handshake: {exc}"
             ) from exc
 
         return cls(
@@ -625,7 +550,7 @@ class WebSocket:
         Pings are answered and pongs recorded (:attr:`last_pong`) while
         waiting. When the client closes, its close frame is answered, the
         TCP connection is shut down, and :exc:`ConnectionClosed` is raised
-        with the client's code (or :data:`NO_STATUS` if it sent none).
+        with the client's code (or :data:`CloseCode.NO_STATUS` if it sent none).
 
         :param timeout: Seconds to wait, after which ``None`` is returned;
             a partly received message is kept for the next call. ``None``
@@ -638,7 +563,7 @@ class WebSocket:
             ``max_message_size``.
         """
         if self.closed:
-            raise ConnectionClosed(self.close_code or ABNORMAL, self.close_reason or "")
+            raise ConnectionClosed(self.close_code or CloseCode.ABNORMAL, self.close_reason or "")
 
         current = gevent.getcurrent()
         if self._reader is not None and self._reader is not current:
@@ -657,7 +582,7 @@ class WebSocket:
                         # close() was called while waiting; the handshake is
                         # left to its timer.
                         raise ConnectionClosed(
-                            self.close_code or ABNORMAL, self.close_reason or ""
+                            self.close_code or CloseCode.ABNORMAL, self.close_reason or ""
                         )
                     return None
 
@@ -675,7 +600,7 @@ class WebSocket:
                     if opcode == _OP_CLOSE:
                         self._shutdown()
                         raise ConnectionClosed(
-                            self.close_code or ABNORMAL, self.close_reason or ""
+                            self.close_code or CloseCode.ABNORMAL, self.close_reason or ""
                         )
                     continue
 
@@ -763,17 +688,17 @@ class WebSocket:
 
             if b0 & 0x70:
                 raise _Fail(
-                    PROTOCOL_ERROR, "reserved bits set but no extension was negotiated"
+                    CloseCode.PROTOCOL_ERROR, "reserved bits set but no extension was negotiated"
                 )
             if not b1 & 0x80:
-                raise _Fail(PROTOCOL_ERROR, "client frames must be masked")
+                raise _Fail(CloseCode.PROTOCOL_ERROR, "client frames must be masked")
             if opcode in _CONTROL_OPCODES:
                 if not fin:
-                    raise _Fail(PROTOCOL_ERROR, "fragmented control frame")
+                    raise _Fail(CloseCode.PROTOCOL_ERROR, "fragmented control frame")
                 if length > 125:
-                    raise _Fail(PROTOCOL_ERROR, "control frame payload over 125 bytes")
+                    raise _Fail(CloseCode.PROTOCOL_ERROR, "control frame payload over 125 bytes")
             elif opcode not in _DATA_OPCODES:
-                raise _Fail(PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
+                raise _Fail(CloseCode.PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
 
             size = 6 + (2 if length == 126 else 8 if length == 127 else 0)
             if len(buf) - pos < size:
@@ -787,15 +712,15 @@ class WebSocket:
             elif length == 127:
                 length = _U64.unpack_from(buf, pos + 2)[0]
                 if length >> 63:
-                    raise _Fail(PROTOCOL_ERROR, "frame length has the top bit set")
+                    raise _Fail(CloseCode.PROTOCOL_ERROR, "frame length has the top bit set")
             mask = bytes(buf[pos + size - 4 : pos + size])
 
             if opcode == _OP_CONTINUATION:
                 if self._msg_opcode is None:
-                    raise _Fail(PROTOCOL_ERROR, "continuation frame without a message")
+                    raise _Fail(CloseCode.PROTOCOL_ERROR, "continuation frame without a message")
             elif opcode in (_OP_TEXT, _OP_BINARY) and self._msg_opcode is not None:
                 raise _Fail(
-                    PROTOCOL_ERROR, "new message before the fragmented one finished"
+                    CloseCode.PROTOCOL_ERROR, "new message before the fragmented one finished"
                 )
 
             # Checked from the header, before any of the payload is read,
@@ -806,7 +731,7 @@ class WebSocket:
                 and len(self._msg_data) + length > self.max_message_size
             ):
                 raise _Fail(
-                    MESSAGE_TOO_BIG,
+                    CloseCode.MESSAGE_TOO_BIG,
                     f"message over the limit of {self.max_message_size} bytes",
                 )
 
@@ -864,7 +789,7 @@ class WebSocket:
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError:
-            raise _Fail(INVALID_DATA, "text message is not valid UTF-8") from None
+            raise _Fail(CloseCode.INVALID_DATA, "text message is not valid UTF-8") from None
 
     def _handle_control(self, opcode: int, payload: bytes) -> None:
         if opcode == _OP_PING:
@@ -878,23 +803,23 @@ class WebSocket:
             self.close_reason = reason
             # Echo the code alone (RFC 6455 section 5.5.1); the reason was
             # the client's to give.
-            self._send_close_frame(NORMAL if code == NO_STATUS else code, "")
+            self._send_close_frame(CloseCode.NORMAL if code == CloseCode.NO_STATUS else code, "")
             self._shutdown()
             raise ConnectionClosed(code, reason)
 
     @staticmethod
     def _parse_close(payload: bytes) -> tuple[int, str]:
         if not payload:
-            return NO_STATUS, ""
+            return CloseCode.NO_STATUS, ""
         if len(payload) == 1:
-            raise _Fail(PROTOCOL_ERROR, "close frame with a 1 byte payload")
+            raise _Fail(CloseCode.PROTOCOL_ERROR, "close frame with a 1 byte payload")
         code = _U16.unpack_from(payload)[0]
         if not _valid_close_code(code):
-            raise _Fail(PROTOCOL_ERROR, f"invalid close code {code}")
+            raise _Fail(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
         try:
             reason = payload[2:].decode("utf-8")
         except UnicodeDecodeError:
-            raise _Fail(INVALID_DATA, "close reason is not valid UTF-8") from None
+            raise _Fail(CloseCode.INVALID_DATA, "close reason is not valid UTF-8") from None
         return code, reason
 
     def _write_control(self, opcode: int, payload: bytes) -> None:
@@ -912,7 +837,7 @@ class WebSocket:
         except OSError as exc:
             self._mark_lost(f"the connection failed while sending: {exc}")
             self._shutdown()
-            raise ConnectionClosed(self.close_code or ABNORMAL, self.close_reason or "") from exc
+            raise ConnectionClosed(self.close_code or CloseCode.ABNORMAL, self.close_reason or "") from exc
         except BaseException:
             # A gevent.Timeout or a kill interrupted sendall; part of a frame
             # may be on the wire and the stream cannot be resumed.
@@ -923,7 +848,7 @@ class WebSocket:
     def _mark_lost(self, reason: str) -> None:
         if not self.closed:
             self.closed = True
-            self.close_code = ABNORMAL
+            self.close_code = CloseCode.ABNORMAL
             self.close_reason = reason
 
     def send(self, message: str | bytes) -> None:
@@ -979,7 +904,7 @@ class WebSocket:
 
         with self._write_lock:
             if self.closed:
-                raise ConnectionClosed(self.close_code or ABNORMAL, self.close_reason or "")
+                raise ConnectionClosed(self.close_code or CloseCode.ABNORMAL, self.close_reason or "")
             self._sendall_locked(chunks)
 
     def ping(self, payload: bytes = b"") -> None:
@@ -995,10 +920,10 @@ class WebSocket:
         frame = _frame_header(_OP_PING, len(payload)) + payload
         with self._write_lock:
             if self.closed:
-                raise ConnectionClosed(self.close_code or ABNORMAL, self.close_reason or "")
+                raise ConnectionClosed(self.close_code or CloseCode.ABNORMAL, self.close_reason or "")
             self._sendall_locked((frame,))
 
-    def close(self, code: int = NORMAL, reason: str = "") -> None:
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Start the closing handshake: send a close frame, wait for the
         client's close frame, then shut the TCP connection down.
 
@@ -1084,14 +1009,14 @@ class WebSocket:
             self.close_reason = reason
             self._send_close_frame(code, reason)
         self._shutdown()
-        if code == MESSAGE_TOO_BIG and self.close_code == MESSAGE_TOO_BIG:
+        if code == CloseCode.MESSAGE_TOO_BIG and self.close_code == CloseCode.MESSAGE_TOO_BIG:
             raise MessageTooBig(code, reason)
         raise ConnectionClosed(self.close_code or code, self.close_reason or "")
 
     def _lost(self, reason: str) -> t.NoReturn:
         self._mark_lost(reason)
         self._shutdown()
-        raise ConnectionClosed(self.close_code or ABNORMAL, self.close_reason or "")
+        raise ConnectionClosed(self.close_code or CloseCode.ABNORMAL, self.close_reason or "")
 
     def _shutdown(self) -> None:
         """End the TCP connection, and wake any greenlet blocked reading or

@@ -10,7 +10,7 @@ import gevent.queue
 import pytest
 
 from flask_docsync.connection import ServerConnection
-from flask_docsync.websocket import ConnectionClosed
+from flask_docsync.errors import ConnectionClosed
 
 
 class ScriptedSession:
@@ -42,6 +42,8 @@ class ScriptedWebSocket:
         self.stall: dict[str, float] = {}
         self.fail_with: BaseException | None = None
         self.inbox: gevent.queue.Queue = gevent.queue.Queue()
+        self.last_pong: float | None = None
+        self.buffered = False
 
     def _write(self, kind: str, what: list) -> None:
         with self.lock:

@@ -8,6 +8,7 @@ No browser and no sockets; the browser side is tests/test_browser_site.py.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 
@@ -215,8 +216,8 @@ def test_view_changes_under_locked_are_in_the_served_document(make_app):
     # client pulls is the changed document.
     with app.test_request_context("/docsync/hello/ws"):
         assert server.session_for_token("/hello", token, RequestData()) is session
-    reply = session.handle_pull(protocol.create("PULL-DOC-REQ"), None)
-    doc_json = reply.content["doc"]
+    frames = session.handle_pull(protocol.create("PULL-DOC-REQ"), None)
+    doc_json = json.loads(frames[2])["doc"]
     assert find_model(doc_json, "hello")["attributes"]["text"] == "changed by the view"
     assert doc_json["title"] == "Report"
 

@@ -75,7 +75,8 @@ from flask_docsync.protocol import (
     protocol,
 )
 from flask_docsync.tokens import MAX_TOKEN_PAYLOAD
-from flask_docsync.websocket import ConnectionClosed, WebSocket, _valid_close_code
+from flask_docsync.errors import ConnectionClosed
+from flask_docsync.websocket import WebSocket, _valid_close_code
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ws_apps.rawclient import build_frame, close_payload  # noqa: E402

@@ -21,11 +21,11 @@ import pytest
 import websocket as wsclient
 
 from flask_docsync import websocket as ws_mod
-from flask_docsync.websocket import ConnectionClosed
+from flask_docsync.errors import ConnectionClosed
 from flask_docsync.websocket import GeventWebSocketBackend
-from flask_docsync.websocket import HandshakeError
+from flask_docsync.errors import HandshakeError
 from flask_docsync.websocket import is_websocket_request
-from flask_docsync.websocket import MessageTooBig
+from flask_docsync.errors import MessageTooBig
 from flask_docsync.websocket import requested_subprotocols
 from flask_docsync.websocket import validate_upgrade
 from flask_docsync.websocket import WebSocket

@@ -6,7 +6,7 @@ from bokeh.models import Div, Slider
 from flask import Flask
 
 from flask_docsync import DocSync
-from flask_docsync.transport import Sock
+from flask_docsync.sock import Sock
 
 docsync = DocSync(url_prefix="", keep_alive_ms=1000)
 

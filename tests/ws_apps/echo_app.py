@@ -22,8 +22,8 @@ import sys
 import gevent
 from gevent import monkey
 
-from flask_docsync.websocket import ConnectionClosed
-from flask_docsync.websocket import HandshakeError
+from flask_docsync.errors import ConnectionClosed
+from flask_docsync.errors import HandshakeError
 from flask_docsync.websocket import is_websocket_request
 from flask_docsync.websocket import requested_subprotocols
 from flask_docsync.websocket import validate_upgrade
