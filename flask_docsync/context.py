@@ -203,6 +203,7 @@ class ApplicationContext:
         app_scope: Callable[[RequestData | None], contextlib.AbstractContextManager[Any]] | None = None,
         logout_url: str | None = None,
         scheduler_factory: Callable[..., Any] | None = None,
+        on_session_created: Callable[[ServerSession], None] | None = None,
     ) -> None:
         compat.install()
         if not any(isinstance(h, DocumentLifecycleHandler) for h in application.handlers):
@@ -213,6 +214,7 @@ class ApplicationContext:
         self.app_scope = app_scope or _no_scope
         self.logout_url = logout_url
         self.scheduler_factory = scheduler_factory
+        self._on_session_created = on_session_created
         self.server_context = ServerContext(self)
         self._sessions: dict[str, ServerSession] = {}
         self._pending: dict[str, gevent.event.AsyncResult] = {}
@@ -289,9 +291,11 @@ class ApplicationContext:
         else:
             self._sessions[session_id] = session
             result.set(session)
-            return session
         finally:
             del self._pending[session_id]
+        if self._on_session_created is not None:
+            self._on_session_created(session)
+        return session
 
     def _create(
         self, session_id: str, request: RequestData, token: str, token_payload: dict[str, Any]

@@ -8,6 +8,7 @@ call into it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from .config import Settings
 from .connection import ServerConnection
 from .context import ApplicationContext, RequestData
 from .errors import CloseCode, SessionError, TokenError, UnknownApplication
-from . import deploy, monitor, reclaim
+from . import deploy, monitor, reclaim, signals
 from .scheduler import CallbackScheduler
 from .session import ServerSession, callback_stats, live_sessions
 from .tokens import TokenPolicy
@@ -82,10 +83,14 @@ class DocSyncServer:
 
     def add_application(self, route: str, application: Any, logout_url: str | None = None) -> ApplicationContext:
         context = ApplicationContext(
-            application, route, self.app_scope, logout_url, scheduler_factory=self._make_scheduler
+            application, route, self.app_scope, logout_url, scheduler_factory=self._make_scheduler,
+            on_session_created=functools.partial(self._session_created, route),
         )
         self.contexts[route] = context
         return context
+
+    def _session_created(self, route: str, session: ServerSession) -> None:
+        signals.session_created.send(self, session=session, route=route)
 
     def _make_scheduler(self, invoke: Callable[..., Any], name: str) -> Any:
         # Looked up per session, so a factory set later applies to every app.
