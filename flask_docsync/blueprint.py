@@ -19,7 +19,7 @@ import hashlib
 import ipaddress
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -30,7 +30,7 @@ from bokeh.embed.elements import html_page_for_render_items, script_for_render_i
 from bokeh.embed.util import RenderItem
 from bokeh.resources import Resources
 from bokeh.settings import settings as bokeh_settings
-from flask import Blueprint, Response, abort, current_app, jsonify, redirect, render_template, request, send_from_directory
+from flask import Blueprint, Flask, Response, abort, current_app, jsonify, redirect, render_template, request, send_from_directory
 from markupsafe import escape
 from werkzeug.wrappers import Response as BaseResponse
 
@@ -43,6 +43,7 @@ from .sock import WebSocketDone
 
 if TYPE_CHECKING:
     from .server import DocSyncServer
+    from .session import ServerSession
 
 log = logging.getLogger(__name__)
 
@@ -442,6 +443,12 @@ def stats() -> Response:
     return _refuse(403, reason)
 
 
+def _guarded(view: Callable[..., Any], decorators: Sequence[Callable[..., Any]]) -> Callable[..., Any]:
+    for decorator in reversed(list(decorators)):
+        view = decorator(view)
+    return view
+
+
 def make_blueprint(
     url_prefix: str, with_index: bool = True, decorators: Sequence[Callable[..., Any]] = ()
 ) -> Blueprint:
@@ -455,9 +462,7 @@ def make_blueprint(
     """
 
     def guarded(view: Callable[..., Any]) -> Callable[..., Any]:
-        for decorator in reversed(list(decorators)):
-            view = decorator(view)
-        return view
+        return _guarded(view, decorators)
 
     bp = Blueprint("docsync", __name__, template_folder=_TEMPLATE_FOLDER, url_prefix=url_prefix or None)
     if with_index:
@@ -474,3 +479,44 @@ def make_blueprint(
     bp.add_url_rule("/<path:app_path>/static/<path:filename>", "app_static", app_static)
     bp.add_url_rule("/<path:app_path>/", "page", guarded(page), strict_slashes=False)
     return bp
+
+
+def add_index_rule(app: Flask, url_prefix: str, decorators: Sequence[Callable[..., Any]] = ()) -> None:
+    """Route the prefix root to the app at ``/`` when the blueprint was made without it.
+
+    :raises ConfigurationError: once the app has served a request, when
+        Flask no longer takes new routes.
+    """
+    if "docsync.index" in app.view_functions:
+        return
+    try:
+        app.add_url_rule(url_prefix + "/", "docsync.index", _guarded(index, decorators), strict_slashes=False)
+    except AssertionError as exc:  # Flask's "setup method ... can no longer be called"
+        raise ConfigurationError(
+            f"An app at '/' needs a route at {url_prefix + '/'!r}, and this Flask app has already"
+            " served a request, so Flask takes no new routes. Register it before the first request."
+        ) from exc
+
+
+def _encode_arguments(arguments: Mapping[str, Any]) -> dict[str, list[bytes]]:
+    out: dict[str, list[bytes]] = {}
+    for key, value in arguments.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        out[str(key)] = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in values]
+    return out
+
+
+def create_session(route: str, arguments: Mapping[str, Any] | None = None) -> ServerSession:
+    """:meth:`DocSync.create_session <flask_docsync.DocSync.create_session>` for the current app and request."""
+    if not request:
+        raise RuntimeError("create_session needs a request context: call it from a view.")
+    server = _server()
+    route = normalize_route(route)
+    context = server.get_context(route)
+    user, refusal = authorize(route)
+    if refusal is not None:
+        raise SessionError(refusal.status_code, "not authorized")
+    data = request_data(user)
+    data.arguments = _encode_arguments(arguments or {})
+    extra = context.application.process_request(data) or None
+    return server.create_session(route, data, None, extra)

@@ -115,12 +115,13 @@ def create_app(options: argparse.Namespace, port: int | None = None) -> Any:
     from flask import Flask, abort, send_file
     from werkzeug.middleware.proxy_fix import ProxyFix
 
+    from .config import Settings
     from .extension import DocSync
 
     app = Flask("flask_docsync.serve", static_folder=None)
     # DOCSYNC_* environment variables configure the server like config keys;
     # flags given on the command line win over them.
-    app.config.update({k: v for k, v in os.environ.items() if k.startswith("DOCSYNC_")})
+    app.config.update({k: v for k, v in os.environ.items() if k in Settings.config_keys()})
     files = _expand(options.files, options.glob)
     port = options.port if port is None else port
     origins = options.allow_websocket_origin

@@ -7,6 +7,8 @@ moved across without surprises; every default below carries Bokeh's reason.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -14,6 +16,8 @@ from typing import Any
 from bokeh.server.util import create_hosts_allowlist
 
 from .errors import ConfigurationError
+
+log = logging.getLogger(__name__)
 
 #: Ping interval. Heroku and nginx drop idle connections after 60 s, so
 #: Bokeh pings a little more often than that.
@@ -48,17 +52,6 @@ def parse_bool(value: Any, name: str) -> bool:
     if text in _FALSE:
         return False
     raise ConfigurationError(f"{name}={value!r} is not a boolean; use true or false.")
-
-
-def _as_tuple(value: Any, name: str) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return tuple(v.strip() for v in value.split(",") if v.strip())
-    try:
-        return tuple(str(v) for v in value)
-    except TypeError:
-        raise ConfigurationError(f"{name} must be a list of strings, got {value!r}.") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,70 +138,67 @@ class Settings:
         return self.secret_key.encode("utf-8") if self.secret_key else None
 
     @classmethod
-    def load(cls, config: Mapping[str, Any], options: Mapping[str, Any]) -> Settings:
-        """Build settings from a Flask config and constructor options.
+    def config_keys(cls) -> set[str]:
+        """The ``DOCSYNC_*`` config keys of the settings."""
+        return {"DOCSYNC_" + f.name.upper() for f in dataclasses.fields(cls)}
 
-        :raises ConfigurationError: with the offending key named.
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Refuse option names that are not settings.
+
+        :raises ConfigurationError: listing the valid names.
         """
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(options) - set(fields)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(options) - names
         if unknown:
             raise ConfigurationError(
                 f"Unknown DocSync option(s): {', '.join(sorted(unknown))}."
-                f" Valid options: {', '.join(sorted(fields))}."
+                f" Valid options: {', '.join(sorted(names))}."
+            )
+
+    @classmethod
+    def load(cls, config: Mapping[str, Any], options: Mapping[str, Any]) -> Settings:
+        """Build settings from a Flask config and constructor options.
+
+        A ``DOCSYNC_*`` key of ``config`` wins over the option of the same
+        name, which wins over the ``BOKEH_*`` environment variable Bokeh
+        reads for it (``BOKEH_SECRET_KEY``, ``BOKEH_SIGN_SESSIONS``,
+        ``BOKEH_ALLOW_WS_ORIGIN``), which wins over the default.
+
+        :raises ConfigurationError: naming the offending key and the form it takes.
+        """
+        cls.check_options(options)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        by_key = {"DOCSYNC_" + name.upper(): name for name in fields}
+        typos = [k for k in config if isinstance(k, str) and k.startswith("DOCSYNC_") and k not in by_key]
+        if typos:
+            hints = []
+            for key in sorted(typos):
+                close = difflib.get_close_matches(key, list(by_key), n=1)
+                hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
+            # A warning, not an error: apps may keep keys of their own under
+            # the prefix, but a misspelt setting should not go unnoticed.
+            log.warning(
+                "DocSync ignores the config key(s) %s; its settings are %s.",
+                ", ".join(hints), ", ".join(sorted(by_key)),
             )
         values: dict[str, Any] = {}
-        for name, field in fields.items():
+        for name in fields:
             key = "DOCSYNC_" + name.upper()
             if key in config:
                 values[name] = config[key]
             elif name in options:
                 values[name] = options[name]
         env = os.environ
-        if values.get("secret_key") is None and env.get("BOKEH_SECRET_KEY"):
-            values["secret_key"] = env["BOKEH_SECRET_KEY"]
-        if values.get("sign_sessions") is None and env.get("BOKEH_SIGN_SESSIONS"):
-            values["sign_sessions"] = env["BOKEH_SIGN_SESSIONS"]
-        if env.get("BOKEH_ALLOW_WS_ORIGIN"):
-            # Bokeh lets the environment replace the list, not extend it.
-            values["allow_websocket_origin"] = env["BOKEH_ALLOW_WS_ORIGIN"]
+        for name, variable in (("secret_key", "BOKEH_SECRET_KEY"), ("sign_sessions", "BOKEH_SIGN_SESSIONS"),
+                               ("allow_websocket_origin", "BOKEH_ALLOW_WS_ORIGIN")):
+            if values.get(name) is None and env.get(variable):
+                values[name] = env[variable]
 
-        if "allow_websocket_origin" in values:
-            origins = _as_tuple(values["allow_websocket_origin"], "allow_websocket_origin") or ()
-            if origins and "*" not in origins:
-                try:
-                    # Bokeh's own normalization: a bare host means port 80.
-                    origins = tuple(create_hosts_allowlist(list(origins), None))
-                except ValueError as exc:
-                    raise ConfigurationError(
-                        f"DOCSYNC_ALLOW_WEBSOCKET_ORIGIN: {exc}. Use host or host:port entries."
-                    ) from None
-            values["allow_websocket_origin"] = origins
-        for name in ("include_headers", "exclude_headers", "include_cookies", "exclude_cookies"):
-            if name in values:
-                values[name] = _as_tuple(values[name], name)
-        for name in ("sign_sessions", "recreate_expired_sessions"):
-            if values.get(name) is not None:
-                values[name] = parse_bool(values[name], "DOCSYNC_" + name.upper())
-        for name in ("generate_session_ids", "index", "index_redirect", "stats_endpoint", "reclaim_memory"):
-            if values.get(name) is not None:
-                values[name] = parse_bool(values[name], "DOCSYNC_" + name.upper())
-        for name in ("session_token_expiration", "keep_alive_ms", "check_unused_sessions_ms",
-                     "unused_session_lifetime_ms", "outbound_queue_size", "blocking_warning_ms",
-                     "stats_log_ms"):
-            if name in values:
-                try:
-                    values[name] = int(values[name])
-                except (TypeError, ValueError):
-                    raise ConfigurationError(
-                        f"DOCSYNC_{name.upper()}={values[name]!r} must be an integer."
-                    ) from None
-        if values.get("websocket_max_message_size") is not None:
-            values["websocket_max_message_size"] = int(values["websocket_max_message_size"])
-        prefix = values.get("url_prefix", cls.url_prefix) or ""
-        prefix = prefix.strip("/")
+        for name, value in list(values.items()):
+            values[name] = _PARSERS[name](value, "DOCSYNC_" + name.upper())
+        prefix = (values.get("url_prefix", cls.url_prefix) or "").strip("/")
         values["url_prefix"] = "/" + prefix if prefix else ""
-
         if values.get("index") is None:
             values["index"] = bool(values["url_prefix"])
         settings = cls(**values)
@@ -216,21 +206,11 @@ class Settings:
         return settings
 
     def _validate(self) -> None:
-        if self.session_token_expiration <= 0:
+        if self.index_template is not None and not os.path.isfile(self.index_template):
             raise ConfigurationError(
-                "DOCSYNC_SESSION_TOKEN_EXPIRATION must be a positive number of seconds"
-                f" (got {self.session_token_expiration})."
+                f"DOCSYNC_INDEX_TEMPLATE={self.index_template!r} is not a file; give the path of a"
+                " Jinja template, or None for the built-in index."
             )
-        for name in ("keep_alive_ms", "check_unused_sessions_ms", "unused_session_lifetime_ms"):
-            if getattr(self, name) < 0:
-                raise ConfigurationError(f"DOCSYNC_{name.upper()} cannot be negative.")
-        if self.check_unused_sessions_ms == 0:
-            raise ConfigurationError(
-                "DOCSYNC_CHECK_UNUSED_SESSIONS_MS must be positive; unused sessions"
-                " would otherwise never be cleaned up."
-            )
-        if self.outbound_queue_size <= 0:
-            raise ConfigurationError("DOCSYNC_OUTBOUND_QUEUE_SIZE must be at least 1.")
         for kind in ("headers", "cookies"):
             if getattr(self, f"include_{kind}") and getattr(self, f"exclude_{kind}"):
                 raise ConfigurationError(
@@ -248,3 +228,101 @@ class Settings:
                 "External session ids (--session-ids external-signed) must be signed;"
                 " set DOCSYNC_SECRET_KEY."
             )
+
+
+def _integer(minimum: int, unit: str, example: str, none_means: str | None = None) -> Any:
+    """A parser of whole numbers ``>= minimum`` (also from environment strings)."""
+
+    def parse(value: Any, key: str) -> int | None:
+        if value is None and none_means is not None:
+            return None
+        number: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)
+        elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            number = int(value.strip())
+        elif isinstance(value, str) and none_means is not None and value.strip().lower() in ("", "none"):
+            return None
+        if number is None or number < minimum:
+            accepted = f"an integer number of {unit}, at least {minimum}, such as {example}"
+            if none_means is not None:
+                accepted += f", or None for {none_means}"
+            raise ConfigurationError(f"{key}={value!r} is not accepted; give {accepted}.")
+        return number
+
+    return parse
+
+
+def _boolean(value: Any, key: str) -> bool:
+    return parse_bool(value, key)
+
+
+def _optional_boolean(value: Any, key: str) -> bool | None:
+    return None if value is None else parse_bool(value, key)
+
+
+def _string(none_means: str | None = None) -> Any:
+    def parse(value: Any, key: str) -> str | None:
+        if value is None and none_means is not None:
+            return None
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            accepted = "a string" + (f", or None for {none_means}" if none_means else "")
+            raise ConfigurationError(f"{key}={value!r} is not accepted; give {accepted}.")
+        return value
+
+    return parse
+
+
+def _list(value: Any, key: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigurationError(
+        f"{key}={value!r} is not accepted; give a list of strings or one comma-separated string."
+    )
+
+
+def _origins(value: Any, key: str) -> tuple[str, ...]:
+    origins = _list(value, key) or ()
+    if origins and "*" not in origins:
+        try:
+            # Bokeh's own normalization: a bare host means port 80.
+            origins = tuple(create_hosts_allowlist(list(origins), None))
+        except ValueError as exc:
+            raise ConfigurationError(f"{key}: {exc}. Use host or host:port entries.") from None
+    return origins
+
+
+_PARSERS: dict[str, Any] = {
+    "url_prefix": _string(none_means="no prefix"),
+    "allow_websocket_origin": _origins,
+    "secret_key": _string(none_means="BOKEH_SECRET_KEY, or no signing"),
+    "sign_sessions": _optional_boolean,
+    "generate_session_ids": _boolean,
+    "session_token_expiration": _integer(1, "seconds", "300"),
+    "keep_alive_ms": _integer(0, "milliseconds", "37000 (0 turns pings off)"),
+    # Positive: unused sessions would otherwise never be cleaned up.
+    "check_unused_sessions_ms": _integer(1, "milliseconds", "17000"),
+    "unused_session_lifetime_ms": _integer(0, "milliseconds", "15000"),
+    "websocket_max_message_size": _integer(1, "bytes", "20971520 (20 MiB)", none_means="no limit"),
+    "include_headers": _list,
+    "exclude_headers": _list,
+    "include_cookies": _list,
+    "exclude_cookies": _list,
+    "outbound_queue_size": _integer(1, "messages", "1024"),
+    "recreate_expired_sessions": _optional_boolean,
+    "blocking_warning_ms": _integer(0, "milliseconds", "1000 (0 turns the warning off)"),
+    "stats_log_ms": _integer(0, "milliseconds", "15000 (0 turns the log off)"),
+    "stats_endpoint": _boolean,
+    "index": _optional_boolean,
+    "index_template": _string(none_means="the built-in index"),
+    "index_redirect": _boolean,
+    "reclaim_memory": _boolean,
+}

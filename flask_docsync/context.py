@@ -27,7 +27,7 @@ from bokeh.document import Document
 
 from . import aio, compat
 from .errors import SessionError
-from .session import ServerSession
+from .session import CallbackStats, ServerSession
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,8 @@ class ApplicationContext:
         self.logout_url = logout_url
         self.scheduler_factory = scheduler_factory
         self._on_session_created = on_session_created
+        #: The callbacks run by this app's sessions.
+        self.callback_stats = CallbackStats()
         self.server_context = ServerContext(self)
         self._sessions: dict[str, ServerSession] = {}
         self._pending: dict[str, gevent.event.AsyncResult] = {}
@@ -331,7 +333,8 @@ class ApplicationContext:
                     self.url, session_id, handler.error, handler.error_detail,
                 )
         session = ServerSession(
-            session_id, doc, token, scope, route=self.url, scheduler_factory=self.scheduler_factory
+            session_id, doc, token, scope, route=self.url, scheduler_factory=self.scheduler_factory,
+            callback_stats=self.callback_stats,
         )
         context._session = session
         self.server_context._session_contexts[session_id] = context

@@ -9,9 +9,11 @@ its WebSockets cleanly when the worker is told to stop.
 from __future__ import annotations
 
 import atexit
+import inspect
 import logging
 import signal
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -50,15 +52,25 @@ def on_stop_signal(callback: Callable[[str], None]) -> bool:
     accepting and waits out its graceful timeout as usual; the callback
     uses that time to close WebSockets and run the session hooks.
 
+    The signal handlers are installed once per process, however many apps
+    ask. A bound method is held weakly, so an app that is dropped is not
+    kept alive by its stop hook.
+
     :return: Whether a gunicorn worker was found to hook into.
     """
     worker = gunicorn_worker()
     if worker is None:
         return False
+    ref: Callable[[], Callable[[str], None] | None]
+    ref = weakref.WeakMethod(callback) if inspect.ismethod(callback) else (lambda: callback)  # type: ignore[arg-type]
+    _stop_callbacks.append(ref)
+    if _installed:
+        return True
+    _installed.append(True)
     # gunicorn ends the worker as soon as its last request is done, which can
-    # be before the callback has run every hook (sessions need no open
-    # request); the worker's exit waits for the callbacks, at most for the
-    # graceful timeout.
+    # be before the callbacks have run every hook (sessions need no open
+    # request); the worker's exit waits for them, at most for the graceful
+    # timeout.
     wait = float(getattr(worker.cfg, "graceful_timeout", 30) or 30)
     atexit.register(_join_stopping, wait)
     for name in _STOP_SIGNALS:
@@ -66,7 +78,12 @@ def on_stop_signal(callback: Callable[[str], None]) -> bool:
         previous = signal.getsignal(signum)
 
         def handler(sig: int, frame: Any, previous: Any = previous, name: str = name) -> None:
-            _stopping.append(gevent.spawn(callback, name))
+            for ref in list(_stop_callbacks):
+                callback = ref()
+                if callback is None:
+                    _stop_callbacks.remove(ref)
+                else:
+                    _stopping.append(gevent.spawn(callback, name))
             if callable(previous):
                 previous(sig, frame)
 
@@ -74,12 +91,24 @@ def on_stop_signal(callback: Callable[[str], None]) -> bool:
     return True
 
 
+_stop_callbacks: list[Callable[[], Callable[[str], None] | None]] = []
+_installed: list[bool] = []
 _stopping: list[gevent.Greenlet] = []
 
 
 def _join_stopping(timeout: float) -> None:
     if _stopping:
         gevent.joinall(_stopping, timeout=timeout)
+
+
+def uses_gevent_websocket() -> bool:
+    """Whether gevent-websocket's handler may answer this process's WebSocket handshakes.
+
+    True once ``geventwebsocket`` is imported: its gunicorn worker class is
+    imported before the app is loaded, and a ``WSGIServer`` with its
+    ``WebSocketHandler`` needs the import too.
+    """
+    return "geventwebsocket" in sys.modules
 
 
 def problems(settings: Any, workers: int) -> list[str]:

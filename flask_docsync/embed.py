@@ -22,6 +22,7 @@ from bokeh.embed.util import RenderItem
 from flask import current_app, render_template, request
 from markupsafe import Markup
 
+from .blueprint import create_session, resources
 from .errors import SessionError
 
 if TYPE_CHECKING:
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
 
 def docsync_resources() -> Markup:
     """Script tags loading BokehJS from this app (never a CDN); once per page."""
-    from .blueprint import resources
-
     return Markup(render_template("docsync/resources.html", js=Markup(resources().render_js())))
 
 
@@ -48,8 +47,6 @@ def docsync_document(route: str, arguments: dict[str, Any] | None = None) -> Mar
     A user the ``authorize`` hook refuses gets ``docsync/refused.html``
     (an empty placeholder) and no session or token.
     """
-    from .extension import create_session
-
     try:
         session = create_session(route, arguments)
     except SessionError as exc:

@@ -5,20 +5,20 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from flask import Flask, current_app, request
+from flask import Flask, current_app, has_app_context, request
 from werkzeug.exceptions import SecurityError
 
-from .apps import AppTarget, build_application, normalize_route
-from .blueprint import make_blueprint
+from . import deploy, embed
+from .apps import AppTarget, normalize_route, route_for_path
+from .blueprint import add_index_rule, create_session, make_blueprint
 from .commands import docsync_cli
 from .config import Settings
-from .errors import ConfigurationError
-from . import deploy, embed
 from .context import RequestData
-from .errors import SessionError
+from .errors import ConfigurationError
 from .server import DocSyncServer
 from .session import ServerSession
 from .sock import bokeh_app_protocol
@@ -39,8 +39,12 @@ class DocSync:
             docsync.add_app("/sliders", "apps/sliders.py")
             return app
 
-    One ``DocSync`` may be bound to several apps; each app keeps its own
-    sessions in ``app.extensions["docsync"]``.
+    One ``DocSync`` may be bound to many apps (an app factory may run any
+    number of times); each app keeps its settings, apps, sessions and
+    figures in ``app.extensions["docsync"]`` (a
+    :class:`~flask_docsync.server.DocSyncServer`), and the extension object
+    keeps only what it was constructed with and the apps registered before
+    any ``init_app``.
 
     :param app: Bind to this app at once (same as calling :meth:`init_app`).
     :param authorize: ``authorize(route)``, called in the request context of
@@ -65,18 +69,29 @@ class DocSync:
         decorators: Sequence[Callable[..., Any]] = (),
         **options: Any,
     ) -> None:
+        Settings.check_options(options)
         self._options = options
         self._authorize = authorize
         self._decorators = tuple(decorators)
-        self._targets: dict[str, tuple[AppTarget, tuple[str, ...]]] = {}
+        # Registered before any app was bound: every app bound gets them.
+        self._registrations: dict[str, tuple[AppTarget, tuple[str, ...]]] = {}
+        # Weak, so the extension never keeps an app alive; they only decide
+        # where add_app() without app= registers.
+        self._bound: weakref.WeakSet[Flask] = weakref.WeakSet()
+        self._last_bound: weakref.ReferenceType[Flask] | None = None
         if app is not None:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
-        """Register the blueprint and keep this app's state in ``app.extensions["docsync"]``.
+        """Validate the settings, load the registered apps, then register the
+        blueprint and keep this app's state in ``app.extensions["docsync"]``.
 
-        :raises ConfigurationError: for invalid settings or an app that
-            does not load.
+        Nothing is changed on ``app`` until the settings are valid and every
+        app registered so far has loaded, so after a failure a corrected
+        retry works.
+
+        :raises ConfigurationError: for an invalid setting (naming the key),
+            or an app that does not load.
         """
         if "docsync" in app.extensions:
             raise ConfigurationError("DocSync is already initialized on this app.")
@@ -91,41 +106,53 @@ class DocSync:
         problems = deploy.problems(settings, deploy.worker_count())
         if problems:
             raise ConfigurationError(" ".join(problems))
-        server = DocSyncServer(
-            settings,
-            app_scope=_make_app_scope(app),
-            resolver=self._resolve,
-            known_routes=lambda: list(self._targets),
-        )
+        server = DocSyncServer(settings, app_scope=_make_app_scope(app))
         server.authorize = self._authorize
-        app.extensions["docsync"] = server
-        app.register_blueprint(
-            make_blueprint(settings.url_prefix, settings.index or "/" in self._targets, self._decorators)
-        )
+        for route, (target, argv) in self._registrations.items():
+            # Loaded now, so a broken script fails at start-up instead of
+            # on the first page view.
+            server.add_app(route, target, argv)
+
+        app.register_blueprint(make_blueprint(
+            settings.url_prefix, bool(settings.index) or server.has_route("/"), self._decorators
+        ))
         app.before_request(_untrusted_host_logger(settings.url_prefix))
         app.cli.add_command(docsync_cli)
         app.add_template_global(embed.docsync_resources, "docsync_resources")
         app.add_template_global(embed.docsync_document, "docsync_document")
         app.add_template_global(embed.docsync_session, "docsync_session")
-        if not hasattr(app, "app_protocol"):
-            # Under gevent-websocket's handler (GeventWebSocketWorker) the
-            # handshake happens before Flask runs, and the subprotocol comes
-            # from this hook; without "bokeh" in the 101 browsers give up.
+        if deploy.uses_gevent_websocket() and not hasattr(app, "app_protocol"):
+            # gevent-websocket's handler answers the handshake before Flask
+            # runs and takes the subprotocol from this hook of the WSGI
+            # app; without "bokeh" in the 101 browsers give up.
             app.app_protocol = bokeh_app_protocol  # type: ignore[attr-defined]
-        for route in list(self._targets):
-            # Apps registered so far load now, so a broken script fails at
-            # start-up instead of on the first page view.
-            server.get_context(route)
+        app.extensions["docsync"] = server
+        self._bound.add(app)
+        self._last_bound = weakref.ref(app)
 
-    def _resolve(self, route: str) -> Any:
-        entry = self._targets.get(route)
-        if entry is None:
-            return None
-        target, argv = entry
-        return build_application(target, argv)
+    def _registration_app(self) -> Flask | None:
+        """Where :meth:`add_app` without ``app=`` registers; ``None`` is the extension."""
+        if has_app_context() and current_app._get_current_object() in self._bound:  # type: ignore[attr-defined]
+            return current_app._get_current_object()  # type: ignore[attr-defined,no-any-return]
+        return self._last_bound() if self._last_bound is not None else None
 
-    def add_app(self, route: str | None, target: AppTarget, argv: Sequence[str] = ()) -> str:
+    def add_app(
+        self, route: str | None, target: AppTarget, argv: Sequence[str] = (), *, app: Flask | None = None
+    ) -> str:
         """Serve a Bokeh application at ``route``.
+
+        Where it is registered:
+
+        - with ``app``, in that app (already initialized);
+        - otherwise in the current app, inside an app context of an app this
+          extension is bound to; else in the app this extension was bound to
+          last (so that a factory can call ``init_app`` and then ``add_app``,
+          and run again for the next app);
+        - before any app is bound, in the extension: every app bound later
+          gets it.
+
+        Either way the app is built at once when it goes to a bound app, and
+        at :meth:`init_app` otherwise, so a broken script fails at start-up.
 
         :param route: The URL path below the blueprint prefix, e.g.
             ``"/sliders"``. ``None`` takes the script's or directory's name,
@@ -134,27 +161,35 @@ class DocSync:
             ``Application``, or the path of a ``.py`` script, ``.ipynb``
             notebook or app directory.
         :param argv: Arguments a script or directory app sees in ``sys.argv[1:]``.
+        :param app: The Flask app to register in; ``None`` chooses as above.
         :return: The normalized route.
+        :raises ConfigurationError: for a taken route, a missing path, or an
+            app that does not load.
         """
         if route is None:
             if not isinstance(target, (str, os.PathLike)):
                 raise ConfigurationError("A route is required unless the target is a path.")
-            from .apps import route_for_path
-
             route = route_for_path(os.fspath(target))
         route = normalize_route(route)
-        if route in self._targets:
-            raise ConfigurationError(f"An app is already registered at {route!r}.")
         if isinstance(target, (str, os.PathLike)) and not os.path.exists(os.fspath(target)):
             raise ConfigurationError(f"App path {os.fspath(target)!r} does not exist.")
-        self._targets[route] = (target, tuple(argv))
+        flask_app = app if app is not None else self._registration_app()
+        if flask_app is None:
+            if route in self._registrations:
+                raise ConfigurationError(f"An app is already registered at {route!r}.")
+            self._registrations[route] = (target, tuple(argv))
+            return route
+        server = self.server(flask_app)
+        server.add_app(route, target, argv)
+        if route == "/" and not server.settings.index:
+            add_index_rule(flask_app, server.settings.url_prefix, self._decorators)
         return route
 
-    def app(self, route: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def app(self, route: str, *, app: Flask | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator form of :meth:`add_app` for a ``modify_doc(doc)`` function."""
 
         def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
-            self.add_app(route, func)
+            self.add_app(route, func, app=app)
             return func
 
         return decorator
@@ -175,23 +210,40 @@ class DocSync:
         """
         return create_session(route, arguments)
 
-    @staticmethod
-    def test_client(app: Flask, **kwargs: Any) -> Any:
-        """A :class:`~flask_docsync.testing.DocSyncTestClient` for ``app``."""
-        from .testing import DocSyncTestClient
+    def stop(self, app: Flask | None = None) -> None:
+        """Stop an app's DocSync work: close its WebSockets (1001), destroy its
+        sessions (their hooks run), run the apps' ``on_server_unloaded``
+        hooks and end its background greenlets.
 
-        return DocSyncTestClient(app, **kwargs)
+        Call it when an app is done with, e.g. at the end of a test fixture;
+        the next session starts everything again. Stopping twice does
+        nothing. An app dropped without it does not stay alive because of
+        DocSync's background greenlets, but sessions with callbacks still
+        scheduled do keep it.
+
+        :param app: The app to stop; ``None`` is ``current_app``.
+        """
+        self.server(app).stop()
 
     @property
     def routes(self) -> list[str]:
-        return sorted(self._targets)
+        """The routes of the app :meth:`add_app` without ``app=`` registers in
+        (the current app, else the app bound last), or before any app is
+        bound, the extension's own.
+
+        Any app's own routes are ``docsync.server(app).routes()``.
+        """
+        flask_app = self._registration_app()
+        if flask_app is None:
+            return sorted(self._registrations)
+        return self.server(flask_app).routes()
 
     @staticmethod
     def server(app: Flask | None = None) -> DocSyncServer:
         """The :class:`~flask_docsync.server.DocSyncServer` of ``app`` (default: ``current_app``)."""
         target = app if app is not None else current_app
         try:
-            return target.extensions["docsync"]
+            return target.extensions["docsync"]  # type: ignore[no-any-return]
         except KeyError:
             raise ConfigurationError("DocSync is not initialized on this app; call docsync.init_app(app).") from None
 
@@ -236,29 +288,3 @@ def _make_app_scope(app: Flask) -> Callable[[RequestData | None], Any]:
         return ctx
 
     return scope
-
-
-def _encode_arguments(arguments: Mapping[str, Any]) -> dict[str, list[bytes]]:
-    out: dict[str, list[bytes]] = {}
-    for key, value in arguments.items():
-        values = value if isinstance(value, (list, tuple)) else [value]
-        out[str(key)] = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in values]
-    return out
-
-
-def create_session(route: str, arguments: Mapping[str, Any] | None = None) -> ServerSession:
-    """:meth:`DocSync.create_session` for the current app and request."""
-    from .blueprint import authorize, request_data
-
-    if not request:
-        raise RuntimeError("create_session needs a request context: call it from a view.")
-    server: DocSyncServer = current_app.extensions["docsync"]
-    route = normalize_route(route)
-    context = server.get_context(route)
-    user, refusal = authorize(route)
-    if refusal is not None:
-        raise SessionError(refusal.status_code, "not authorized")
-    data = request_data(user)
-    data.arguments = _encode_arguments(arguments or {})
-    extra = context.application.process_request(data) or None
-    return server.create_session(route, data, None, extra)

@@ -11,19 +11,21 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gevent
 
 from . import compat
+from .apps import AppTarget, build_application
 from .config import Settings
 from .connection import ServerConnection
 from .context import ApplicationContext, RequestData
-from .errors import CloseCode, SessionError, TokenError, UnknownApplication
+from .errors import CloseCode, ConfigurationError, SessionError, TokenError, UnknownApplication
 from . import deploy, monitor, reclaim, signals
 from .scheduler import CallbackScheduler
-from .session import ServerSession, callback_stats, live_sessions
+from .session import ServerSession, live_sessions
 from .tokens import TokenPolicy
 
 log = logging.getLogger(__name__)
@@ -41,19 +43,20 @@ class DocSyncServer:
     :param settings: The frozen settings.
     :param app_scope: ``app_scope(request)`` returns a context manager
         entered around app code (the Flask app context); see
-        :class:`~flask_docsync.context.ApplicationContext`.
+        :class:`~flask_docsync.context.ApplicationContext`. ``None`` enters
+        nothing.
+
+    The background greenlets hold the server weakly: a server (and the
+    Flask app holding it) that is dropped without :meth:`stop` ends them at
+    their next wake-up instead of being kept alive by them.
     """
 
     def __init__(
         self,
         settings: Settings,
         app_scope: Callable[[RequestData | None], contextlib.AbstractContextManager[Any]] | None = None,
-        resolver: Callable[[str], Any] | None = None,
-        known_routes: Callable[[], list[str]] | None = None,
     ) -> None:
         compat.install()
-        self._resolver = resolver
-        self._known_routes = known_routes
         self.settings = settings
         self.tokens = TokenPolicy(settings)
         self.app_scope = app_scope
@@ -97,30 +100,40 @@ class DocSyncServer:
         factory = self.scheduler_factory or CallbackScheduler
         return factory(invoke, name)
 
+    def add_app(self, route: str, target: AppTarget, argv: Sequence[str] = ()) -> ApplicationContext:
+        """Build the application ``target`` and serve it at ``route`` (normalized).
+
+        It is built at once, so a broken script fails here, at start-up,
+        rather than on its first page view; added to a running server, its
+        ``on_server_loaded`` hook runs at once.
+
+        :raises ConfigurationError: when ``route`` is taken or the target
+            does not load.
+        """
+        if route in self.contexts:
+            raise ConfigurationError(
+                f"An app is already registered at {route!r} in this Flask app; pick another route."
+            )
+        context = self.add_application(route, build_application(target, argv))
+        if self._started:
+            context.run_load_hook()
+        return context
+
     def routes(self) -> list[str]:
-        """Every registered route, built or not yet built."""
-        routes = set(self.contexts)
-        if self._known_routes is not None:
-            routes.update(self._known_routes())
-        return sorted(routes)
+        """Every registered route, sorted."""
+        return sorted(self.contexts)
 
     def has_route(self, route: str) -> bool:
-        return route in self.contexts or route in self.routes()
+        return route in self.contexts
 
     def get_context(self, route: str) -> ApplicationContext:
-        """The context of ``route``, building its application on first use.
+        """The context of the app at ``route``.
 
         :raises UnknownApplication: listing the registered routes.
         """
         context = self.contexts.get(route)
-        if context is not None:
-            return context
-        application = self._resolver(route) if self._resolver is not None else None
-        if application is None:
+        if context is None:
             raise UnknownApplication(route, self.routes())
-        context = self.add_application(route, application)
-        if self._started:
-            context.run_load_hook()
         return context
 
     @property
@@ -143,17 +156,16 @@ class DocSyncServer:
         for context in self.contexts.values():
             context.run_load_hook()
         self.reclaimer.start()
-        cleanup = gevent.spawn(self._cleanup_loop)
-        cleanup.name = "docsync-unused-session-cleanup"
-        self._greenlets.append(cleanup)
-        if self.settings.keep_alive_ms > 0:
-            pinger = gevent.spawn(self._keepalive_loop)
-            pinger.name = "docsync-keepalive"
-            self._greenlets.append(pinger)
-        if self.settings.stats_log_ms > 0:
-            stats = gevent.spawn(self._stats_loop)
-            stats.name = "docsync-stats-log"
-            self._greenlets.append(stats)
+        settings = self.settings
+        loops = [("docsync-unused-session-cleanup", settings.check_unused_sessions_ms, DocSyncServer._cleanup)]
+        if settings.keep_alive_ms > 0:
+            loops.append(("docsync-keepalive", settings.keep_alive_ms, DocSyncServer._keepalive))
+        if settings.stats_log_ms > 0:
+            loops.append(("docsync-stats-log", settings.stats_log_ms, DocSyncServer._log_stats))
+        for name, interval_ms, method in loops:
+            greenlet = gevent.spawn(_every, interval_ms / 1000.0, weakref.ref(self), method)
+            greenlet.name = name
+            self._greenlets.append(greenlet)
 
     def _stop_on_signal(self, name: str) -> None:
         log.info("Worker received %s: closing WebSockets and destroying sessions", name)
@@ -299,6 +311,7 @@ class DocSyncServer:
                 ),
                 "callbacks": sum(s.callback_count for s in sessions),
                 "models": sum(len(s.document.models) for s in sessions if not s.destroyed),
+                "callback_runs": context.callback_stats.as_dict(),
             }
         return {
             "pid": os.getpid(),
@@ -307,50 +320,59 @@ class DocSyncServer:
             "connections": len(self.connections),
             "queued_messages": sum(c.queued for c in self.connections),
             "greenlets_scheduled": sum(a["callbacks"] for a in apps.values()),
-            "callbacks": dict(callback_stats),
+            "callbacks": {
+                key: sum(a["callback_runs"][key] for a in apps.values()) for key in ("runs", "errors", "seconds")
+            },
             "reclaim": dict(self.reclaimer.figures),
             "apps": apps,
         }
 
-    # Background work
+    # Background work, one pass each; see _every.
 
-    def _cleanup_loop(self) -> None:
-        interval = self.settings.check_unused_sessions_ms / 1000.0
+    def _cleanup(self) -> None:
         lifetime = self.settings.unused_session_lifetime_ms
-        while True:
-            gevent.sleep(interval)
-            discarded = 0
-            for context in list(self.contexts.values()):
-                try:
-                    discarded += context.cleanup_unused_sessions(lifetime)
-                except Exception:
-                    log.exception("App %s: unused-session cleanup failed", context.url)
-            if discarded:
-                self.reclaimer.request()
+        discarded = 0
+        for context in list(self.contexts.values()):
+            try:
+                discarded += context.cleanup_unused_sessions(lifetime)
+            except Exception:
+                log.exception("App %s: unused-session cleanup failed", context.url)
+        if discarded:
+            self.reclaimer.request()
 
-    def _stats_loop(self) -> None:
-        interval = self.settings.stats_log_ms / 1000.0
-        while True:
-            gevent.sleep(interval)
-            if not stats_log.isEnabledFor(logging.DEBUG):
-                continue
-            s = self.stats()
-            stats_log.debug(
-                "[pid %d] %d sessions, %d connections, %d queued messages, %d callbacks run"
-                " (%d raised, %.1f s)", s["pid"], s["sessions"], s["connections"],
-                s["queued_messages"], s["callbacks"]["runs"], s["callbacks"]["errors"],
-                s["callbacks"]["seconds"],
-            )
-            for route, app in s["apps"].items():
-                stats_log.debug("[pid %d] %s has %d sessions with %d unused", s["pid"], route,
-                                app["sessions"], app["unused"])
+    def _log_stats(self) -> None:
+        if not stats_log.isEnabledFor(logging.DEBUG):
+            return
+        s = self.stats()
+        stats_log.debug(
+            "[pid %d] %d sessions, %d connections, %d queued messages, %d callbacks run"
+            " (%d raised, %.1f s)", s["pid"], s["sessions"], s["connections"],
+            s["queued_messages"], s["callbacks"]["runs"], s["callbacks"]["errors"],
+            s["callbacks"]["seconds"],
+        )
+        for route, app in s["apps"].items():
+            stats_log.debug("[pid %d] %s has %d sessions with %d unused", s["pid"], route,
+                            app["sessions"], app["unused"])
 
-    def _keepalive_loop(self) -> None:
-        interval = self.settings.keep_alive_ms / 1000.0
-        while True:
-            gevent.sleep(interval)
-            for connection in list(self.connections):
-                try:
-                    connection.keepalive()
-                except Exception:
-                    log.exception("Keep-alive ping to connection %d failed", connection.id)
+    def _keepalive(self) -> None:
+        for connection in list(self.connections):
+            try:
+                connection.keepalive()
+            except Exception:
+                log.exception("Keep-alive ping to connection %d failed", connection.id)
+
+
+def _every(interval: float, ref: weakref.ReferenceType[DocSyncServer], work: Callable[[DocSyncServer], None]) -> None:
+    """Run ``work(server)`` every ``interval`` seconds while the server exists.
+
+    Between passes only the weak reference is held, so a server that is
+    dropped without :meth:`DocSyncServer.stop` is freed, and this greenlet
+    ends at its next wake-up.
+    """
+    while True:
+        gevent.sleep(interval)
+        server = ref()
+        if server is None:
+            return
+        work(server)
+        del server

@@ -39,9 +39,18 @@ class Subscriber(TypingProtocol):
 
 _live: weakref.WeakSet[ServerSession] = weakref.WeakSet()
 
-#: Session callbacks run in this process: how many, how many raised, and
-#: their total wall time (including time spent waiting for I/O).
-callback_stats: dict[str, float] = {"runs": 0, "errors": 0, "seconds": 0.0}
+class CallbackStats:
+    """Session callbacks run for one app: how many, how many raised, and the seconds they took."""
+
+    __slots__ = ("runs", "errors", "seconds")
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.errors = 0
+        self.seconds = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"runs": self.runs, "errors": self.errors, "seconds": self.seconds}
 
 
 def live_sessions() -> list[ServerSession]:
@@ -131,6 +140,8 @@ class ServerSession:
         session's callback scheduler; ``None`` uses
         :class:`~flask_docsync.scheduler.CallbackScheduler` (greenlets on
         real time). :mod:`flask_docsync.testing` passes a virtual clock.
+    :param callback_stats: Where the session counts its callbacks (its
+        app's figures); ``None`` counts them for this session alone.
     """
 
     def __init__(
@@ -141,6 +152,7 @@ class ServerSession:
         app_scope: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
         route: str | None = None,
         scheduler_factory: Callable[[Callable[[SessionCallback], Any], str], Any] | None = None,
+        callback_stats: CallbackStats | None = None,
     ) -> None:
         #: The route of the app the session belongs to, e.g. ``"/sliders"``.
         self.route = route
@@ -154,6 +166,7 @@ class ServerSession:
         self._connections: set[Subscriber] = set()
         self._current_patch_connection: Subscriber | None = None
         self._last_unsubscribe = _now_ms()
+        self._callback_stats = callback_stats if callback_stats is not None else CallbackStats()
         self._destroyed = False
         self._expiration_requested = False
         self._expiration_blocked = 0
@@ -330,14 +343,15 @@ class ServerSession:
         except (Exception, SystemExit):
             # SystemExit too: raised in a greenlet, gevent would re-raise it in
             # the main greenlet and end the whole server.
-            callback_stats["errors"] += 1
+            self._callback_stats.errors += 1
             log.exception(
                 "Session %s: error in %s %s; the session goes on",
                 self._id, type(callback).__name__, describe_callback(callback),
             )
         finally:
-            callback_stats["runs"] += 1
-            callback_stats["seconds"] += time.perf_counter() - started
+            stats = self._callback_stats
+            stats.runs += 1
+            stats.seconds += time.perf_counter() - started
 
     def _describe(self, callback: SessionCallback) -> str:
         return f"Session {self._id}: {type(callback).__name__} {describe_callback(callback)}"
