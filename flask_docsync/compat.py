@@ -1,4 +1,5 @@
-"""The one place where flask-docsync adapts to differences between Bokeh releases.
+"""The one place where flask-docsync adapts to Bokeh's releases and reaches
+into Bokeh's private document and application API.
 
 Bokeh up to 3.9 keeps the stack behind ``curdoc()`` in a module-global list,
 so two sessions' callbacks interleaving on gevent greenlets would see each
@@ -6,6 +7,16 @@ other's documents. Bokeh 3.10 keeps it in a ``ContextVar``. :func:`install`
 gives 3.9 the same per-greenlet behaviour by swapping the global list for a
 stack stored in a ``ContextVar`` (greenlet >= 1.0 gives every greenlet its
 own context), leaving 3.10 untouched.
+
+Private names used, each checked on both supported Bokeh releases by
+``tests/test_bokeh_seams.py``: ``bokeh.io.doc._PATCHED_CURDOCS``,
+``Document._session_context``, ``DocumentModuleManager._modules``, the
+``gc`` global of ``bokeh.document.document``, the models' cached
+``_unstable_default_values``/``_unstable_themed_values``,
+``DocumentCallbackManager._session_callbacks``,
+``DirectoryHandler._lifecycle_handler`` and ``LifecycleHandler``'s
+``_on_session_created``/``_on_session_destroyed``. The protocol's
+``Protocol._messages`` is read by :mod:`flask_docsync.protocol`.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import gc
+import sys
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -63,7 +75,9 @@ class _ContextCurdocStack:
 
 
 def install() -> None:
-    """Make ``curdoc()`` per greenlet. Safe to call more than once."""
+    """Make ``curdoc()`` per greenlet, and let :func:`destroy_document` skip
+    Bokeh's full collection. Process-wide; calls after the first do nothing."""
+    _install_document_gc()
     current = getattr(_bokeh_io_doc, "_PATCHED_CURDOCS", None)
     if isinstance(current, list):
         _bokeh_io_doc._PATCHED_CURDOCS = _ContextCurdocStack()
@@ -111,16 +125,60 @@ def curdoc_as(doc: Any) -> Iterator[None]:
         yield
 
 
-class _NoFullCollect:
-    """Stands in for the ``gc`` module inside ``Document.destroy``."""
+class _DocumentGc:
+    """What ``bokeh.document.document`` sees as its ``gc`` module.
+
+    ``Document.destroy`` ends with a full ``gc.collect()``. This stand-in
+    forwards everything to the real module, except that ``collect`` does
+    nothing inside :func:`destroy_document`, which is marked by a context
+    variable: every other greenlet and every OS thread (the offload pool,
+    gevent's monitor) that calls Bokeh's ``destroy`` gets the real collection.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(gc, name)
 
     @staticmethod
     def collect(generation: int = 2) -> int:
-        return 0
+        if _destroying.get():
+            return 0
+        return gc.collect(generation)
 
 
-def _no_referrers(*objects: Any) -> list[Any]:
-    return []
+_destroying: contextvars.ContextVar[bool] = contextvars.ContextVar("flask_docsync_destroying", default=False)
+
+
+def _install_document_gc() -> None:
+    if not isinstance(getattr(_bokeh_document, "gc", None), _DocumentGc):
+        _bokeh_document.gc = _DocumentGc()  # type: ignore[assignment]
+
+
+def _drop_modules(doc: Any) -> None:
+    """What ``DocumentModuleManager.destroy`` does, without its heap scan.
+
+    Bokeh's version calls ``gc.get_referrers`` for every module an app
+    script ran in, to log a leak warning; that scans the whole heap (tens
+    to hundreds of milliseconds with a large one). Done here first, the
+    manager's own ``destroy`` finds no modules left.
+    """
+    manager = doc.modules
+    modules = getattr(manager, "_modules", None)
+    if not isinstance(modules, list):
+        return
+    for module in modules:
+        if sys.modules.get(module.__name__) is module:
+            del sys.modules[module.__name__]
+        module.__dict__.clear()
+    manager._modules = []
+
+
+def set_session_context(doc: Any, context: Any) -> None:
+    """Make ``context`` the document's ``session_context`` (``None`` detaches it).
+
+    Bokeh's server sets the private ``Document._session_context`` to a weak
+    reference; ``Document.session_context`` reads it.
+    """
+    doc._session_context = weakref.ref(context) if context is not None else None
 
 
 def destroy_document(doc: Any, session: Any) -> None:
@@ -131,25 +189,23 @@ def destroy_document(doc: Any, session: Any) -> None:
     ``gc.get_referrers()`` for every script module (a diagnostic check);
     both scan the whole heap, which with a large heap costs tens to hundreds
     of milliseconds per session and stalls every other session on the event
-    loop. Instead :func:`_break_cycles` clears what ``destroy`` leaves in
-    reference cycles, so reference counting frees the document at once and
-    nothing waits for Python's generational collector (which runs a full
-    collection rarely once the heap is large). ``destroy`` does no I/O, so
-    no other greenlet can observe the swap.
+    loop. Here the script modules are dropped first (:func:`_drop_modules`),
+    the collection is skipped for this call alone (:class:`_DocumentGc`),
+    and :func:`_break_cycles` clears what ``destroy`` leaves in reference
+    cycles, so reference counting frees the document at once and nothing
+    waits for Python's generational collector (which runs a full collection
+    rarely once the heap is large).
     """
     # Read before destroy: it deletes the document's model index.
     models = list(doc.models)
     config = getattr(doc, "config", None)
     callbacks = doc.callbacks
-    real_gc = _bokeh_document.gc
-    real_get_referrers = gc.get_referrers
-    _bokeh_document.gc = _NoFullCollect  # type: ignore[assignment]
-    gc.get_referrers = _no_referrers
+    _drop_modules(doc)
+    token = _destroying.set(True)
     try:
         doc.destroy(session)
     finally:
-        _bokeh_document.gc = real_gc
-        gc.get_referrers = real_get_referrers
+        _destroying.reset(token)
     _break_cycles(models, config, callbacks)
 
 

@@ -306,7 +306,7 @@ class ApplicationContext:
         context = SessionContext(
             self.server_context, session_id, request, token_payload, doc, self.logout_url
         )
-        doc._session_context = weakref.ref(context)
+        compat.set_session_context(doc, context)
 
         def scope() -> contextlib.AbstractContextManager[Any]:
             return self.app_scope(request)
@@ -319,7 +319,7 @@ class ApplicationContext:
                     # Bokeh's FunctionHandler does not patch curdoc; this does.
                     self.application.initialize_document(doc)
         except (Exception, SystemExit) as exc:
-            doc._session_context = None
+            compat.set_session_context(doc, None)
             log.exception("App %s: session %s could not be created", self.url, session_id)
             if isinstance(exc, SystemExit):
                 # Left as is, it would end the server (gevent re-raises
