@@ -181,15 +181,3 @@ class _Exited:
 
     def __init__(self, exc: SystemExit) -> None:
         self.exc = exc
-
-
-def shutdown() -> None:
-    """Stop the loop (used when the last server stops, and by tests)."""
-    global _loop, _runner
-    if _loop is not None and not _loop.is_closed():
-        _loop.call_soon_threadsafe(_loop.stop)
-        if _runner is not None:
-            _runner.join(timeout=2)
-        _loop.close()
-    _loop = None
-    _runner = None

@@ -37,9 +37,6 @@ MAX_CONTENT_DEPTH = 128
 
 protocol = Protocol()
 
-Frame = "str | bytes"
-
-
 def encode(message: Message[Any]) -> list[str | bytes]:
     """Frames of ``message`` in wire order, ready for one atomic send."""
     frames: list[str | bytes] = [message.header_json, message.metadata_json, message.content_json]
