@@ -36,9 +36,9 @@ except ImportError:  # a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 if __package__:  # python -m examples.site.run
-    from .app import create_app
+    from .app import create_app, docsync
 else:  # python examples/site/run.py: this folder is on sys.path
-    from app import create_app
+    from app import create_app, docsync
 
 
 def mount(app, prefix: str):
@@ -71,7 +71,7 @@ def main() -> None:
     stop.wait()
     # Stop accepting, close the WebSockets (1001) and sessions, then the rest.
     server.close()
-    app.extensions["docsync"].stop()
+    docsync.stop(app)
     server.stop(timeout=2)
 
 
