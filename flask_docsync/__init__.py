@@ -10,22 +10,29 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
+_ERRORS = (
+    "CloseCode",
     "ConfigurationError",
-    "DocSync",
+    "ConnectionClosed",
     "DocSyncError",
+    "HandshakeError",
+    "MessageTooBig",
     "ProtocolViolation",
     "SessionError",
     "TokenError",
     "UnknownApplication",
-    "__version__",
-    "offload",
-]
+)
+
+__all__ = [*_ERRORS, "DocSync", "__version__", "offload"]
 
 if TYPE_CHECKING:
     from .errors import (
+        CloseCode,
         ConfigurationError,
+        ConnectionClosed,
         DocSyncError,
+        HandshakeError,
+        MessageTooBig,
         ProtocolViolation,
         SessionError,
         TokenError,
@@ -45,7 +52,7 @@ def __getattr__(name: str) -> Any:
         from .monitor import offload
 
         return offload
-    if name in __all__:
+    if name in _ERRORS:
         from . import errors
 
         return getattr(errors, name)
