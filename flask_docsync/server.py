@@ -374,5 +374,8 @@ def _every(interval: float, ref: weakref.ReferenceType[DocSyncServer], work: Cal
         server = ref()
         if server is None:
             return
-        work(server)
+        try:
+            work(server)
+        except Exception:
+            log.exception("%s failed; it runs again in %g s", work.__name__, interval)
         del server
