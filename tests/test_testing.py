@@ -13,12 +13,15 @@ from flask import Flask, abort, redirect, render_template_string, request, sessi
 
 from flask_docsync import DocSync
 from flask_docsync.errors import UnknownApplication
+from flask_docsync.scheduler import REAL_CLOCK, CallbackScheduler
 from flask_docsync.session import live_sessions
 from flask_docsync.testing import (
     DocSyncTestClient,
     ErrorReply,
     SessionClosed,
     SessionRefused,
+    VirtualClock,
+    VirtualTime,
     VirtualTimeScheduler,
 )
 
@@ -209,32 +212,51 @@ def test_raising_periodic_callback_is_logged_and_keeps_its_schedule(make_app, ca
         assert session.scheduler.pending()[0][0] == 100
 
 
+def _virtual_scheduler(invoke):
+    """The production scheduler on a virtual clock, seen as the test client's sessions see it."""
+    return VirtualTime(CallbackScheduler(invoke, "s", clock=VirtualClock()))
+
+
 def test_virtual_scheduler_runs_due_callbacks_in_order():
     from bokeh.server.callbacks import NextTickCallback, PeriodicCallback, TimeoutCallback
 
     calls: list[tuple[str, float]] = []
-    scheduler = VirtualTimeScheduler(lambda cb: calls.append((cb.callback(), scheduler.now)), "s")
-    scheduler.add(PeriodicCallback(lambda: "p", 30, callback_id="p"))
-    scheduler.add(TimeoutCallback(lambda: "t", 30, callback_id="t"))
-    scheduler.add(NextTickCallback(lambda: "n", callback_id="n"))
+    greenlets = []
+
+    def invoke(cb):
+        greenlets.append(gevent.getcurrent())
+        calls.append((cb.callback(), scheduler.now))
+
+    scheduler = _virtual_scheduler(invoke)
+    scheduler.scheduler.add(PeriodicCallback(lambda: "p", 30, callback_id="p"))
+    scheduler.scheduler.add(TimeoutCallback(lambda: "t", 30, callback_id="t"))
+    scheduler.scheduler.add(NextTickCallback(lambda: "n", callback_id="n"))
+    gevent.sleep(0.05)  # real time passes: nothing runs on its own
+    assert calls == []
     assert scheduler.advance(0) == 1
     assert scheduler.advance(100) == 4
     assert calls == [("n", 0), ("p", 30), ("t", 30), ("p", 60), ("p", 90)]
     assert scheduler.now == 100 and len(scheduler) == 1
     assert scheduler.pending()[0][0] == 20
+    # Each callback ran on the scheduler's own greenlet for it, as in production.
+    assert gevent.getcurrent() not in greenlets and len(set(greenlets)) == 3
     with pytest.raises(ValueError):
         scheduler.advance(-1)
-    scheduler.close()
+    scheduler.scheduler.close()
     assert scheduler.advance(1000) == 0 and len(scheduler) == 0
+    assert scheduler.clock.waiting() == []
 
 
 def test_callbacks_that_schedule_each_other_forever_are_stopped():
     from bokeh.server.callbacks import NextTickCallback
 
-    scheduler = VirtualTimeScheduler(lambda cb: scheduler.add(NextTickCallback(lambda: None, callback_id="x")), "s")
-    scheduler.add(NextTickCallback(lambda: None, callback_id="first"))
+    scheduler = _virtual_scheduler(
+        lambda cb: scheduler.scheduler.add(NextTickCallback(lambda: None, callback_id="x"))
+    )
+    scheduler.scheduler.add(NextTickCallback(lambda: None, callback_id="first"))
     with pytest.raises(RuntimeError, match="keep scheduling"):
         scheduler.advance(0)
+    scheduler.scheduler.close()
 
 
 # access control ---------------------------------------------------------------
@@ -403,6 +425,7 @@ def test_sessions_opened_by_the_page_use_real_time_otherwise(make_app):
     assert app.test_client().get("/docsync/streaming").status_code == 200
     [real] = app.extensions["docsync"].get_context("/streaming").sessions
     assert not isinstance(real.scheduler, VirtualTimeScheduler)
+    assert real.scheduler.clock is REAL_CLOCK
     app.extensions["docsync"].get_context("/streaming").discard_session(real)
 
 
