@@ -45,6 +45,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import contextvars
+import html
 import inspect
 import itertools
 import json
@@ -1300,8 +1301,9 @@ class DocSyncTestClient:
 def _websocket_refusal(path: str, response: TestResponse) -> SessionRefused:
     status = response.status_code
     where = response.headers.get("Location")
-    body = response.get_data(as_text=True).strip()
-    detail = f"redirected to {where}" if where else (body[:300] or "no body")
+    # The view's refusals are text/plain with the reason HTML-escaped.
+    body = html.unescape(response.get_data(as_text=True).strip())
+    detail = f"redirected to {where}" if where else (body[:500] or "no body")
     return SessionRefused(
         status,
         f"The WebSocket upgrade GET {path} answered {status} instead of 101 ({detail}): a view"
