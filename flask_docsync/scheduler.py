@@ -47,11 +47,11 @@ def from_other_thread(hub: Any, thread: int, method: Callable[..., Any], *args: 
 class Clock(Protocol):
     """The time a :class:`CallbackScheduler` measures delays and periods on.
 
-    The scheduler calls :meth:`start` when it schedules a callback and
-    :meth:`sleep` only between two runs of a periodic callback, always on
-    the callback's own greenlet. So every wake-up (a start, or the end of a
-    sleep) is followed by exactly one run of the callback, unless the
-    callback was removed meanwhile.
+    The scheduler calls :meth:`start` once per scheduled callback, with the
+    greenlet that will run it, and :meth:`sleep` only on a periodic
+    callback's greenlet, between two runs. So every wake-up (a start, or
+    the end of a sleep) is followed by exactly one run of the callback,
+    unless the callback was removed meanwhile.
     """
 
     def now(self) -> float:

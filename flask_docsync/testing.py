@@ -251,8 +251,8 @@ class VirtualClock:
         :raises ValueError: for a negative ``ms``.
         :raises RuntimeError: when more than :data:`MAX_RUNS_PER_INSTANT`
             wake-ups happen without the clock moving (callbacks that keep
-            scheduling next-tick callbacks), or when called again from a
-            greenlet it woke.
+            scheduling next-tick callbacks), or while another call of
+            ``advance`` is running.
         :raises TimeoutError: when a woken greenlet neither waits on the
             clock again nor ends within ``timeout``.
         """
@@ -1038,12 +1038,15 @@ class DocSyncTestClient:
 
     :param app: The Flask app, with :class:`~flask_docsync.DocSync` initialized.
     :param flask_test_client: The Flask test client whose requests open
-        sessions, so its cookies (a logged-in user) apply. ``None`` makes a
-        new ``app.test_client()``.
-    :param timeout: Real seconds to wait for a reply from the server before
-        :exc:`TimeoutError`; nothing in a healthy test comes close.
+        sessions (the page and the WebSocket upgrade), so its cookies (a
+        logged-in user) apply. ``None`` makes a new ``app.test_client()``.
+    :param timeout: Real seconds to wait for a reply from the server, or for
+        one session callback, before :exc:`TimeoutError`; nothing in a
+        healthy test comes close.
 
-    Close the sessions it opened with :meth:`close` (or use it as a context
+    Each open session's WebSocket request runs on a greenlet of its own
+    while the ``/ws`` view serves the connection; closing the session ends
+    it. Close the sessions it opened with :meth:`close` (or use it as a context
     manager); each :class:`TestSession` can also be closed on its own. The
     server's background greenlets (started with the first session) stop
     with ``app.extensions["docsync"].stop()``.
