@@ -1,11 +1,19 @@
-"""Greenlet scheduling of a session's next-tick, timeout and periodic callbacks."""
+"""Greenlet scheduling of a session's next-tick, timeout and periodic callbacks.
+
+When a callback runs is measured on a :class:`Clock`. Production uses
+:data:`REAL_CLOCK` (``time.monotonic`` and ``gevent.sleep``);
+:mod:`flask_docsync.testing` gives the sessions its test client creates a
+virtual clock through :data:`session_clock`, so the same scheduler runs
+their callbacks on virtual time.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import gevent
 import gevent.monkey
@@ -36,6 +44,69 @@ def from_other_thread(hub: Any, thread: int, method: Callable[..., Any], *args: 
     return True
 
 
+class Clock(Protocol):
+    """The time a :class:`CallbackScheduler` measures delays and periods on.
+
+    The scheduler calls :meth:`start` once per scheduled callback, with the
+    greenlet that will run it, and :meth:`sleep` only on a periodic
+    callback's greenlet, between two runs. So every wake-up (a start, or
+    the end of a sleep) is followed by exactly one run of the callback,
+    unless the callback was removed meanwhile.
+    """
+
+    def now(self) -> float:
+        """Seconds on a monotonic scale; only differences mean anything."""
+        ...
+
+    def sleep(self, seconds: float) -> None:
+        """Block the calling greenlet for ``seconds`` (``0``: until the next turn of the loop)."""
+        ...
+
+    def start(self, greenlet: gevent.Greenlet, seconds: float) -> None:
+        """Start ``greenlet`` once ``seconds`` have passed (``0``: on the next turn of the loop).
+
+        A greenlet killed before it started never runs.
+        """
+        ...
+
+
+class RealClock:
+    """The event loop's time: ``time.monotonic``, ``gevent.sleep`` and gevent timers."""
+
+    __slots__ = ()
+
+    now = staticmethod(time.monotonic)
+    sleep = staticmethod(gevent.sleep)
+
+    @staticmethod
+    def start(greenlet: gevent.Greenlet, seconds: float) -> None:
+        if seconds > 0:
+            greenlet.start_later(seconds)
+        else:
+            greenlet.start()
+
+    def __repr__(self) -> str:
+        return "<RealClock>"
+
+
+#: The clock of every scheduler that is given none.
+REAL_CLOCK: Clock = RealClock()
+
+#: Makes the clock of each session created in the current context; ``None``
+#: (the default) gives sessions :data:`REAL_CLOCK`. A context variable, so a
+#: test client that sets it around its own requests gives a virtual clock to
+#: the sessions those requests create and to no others.
+session_clock: contextvars.ContextVar[Callable[[], Clock] | None] = contextvars.ContextVar(
+    "flask_docsync.session_clock", default=None
+)
+
+
+def new_session_clock() -> Clock:
+    """The clock for a session created now: from :data:`session_clock`, or :data:`REAL_CLOCK`."""
+    factory = session_clock.get()
+    return REAL_CLOCK if factory is None else factory()
+
+
 def _closed(callback: SessionCallback) -> None:
     """What a closed scheduler has instead of its session's invoke method."""
 
@@ -60,11 +131,16 @@ class CallbackScheduler:
     :param invoke: Runs one callback object; it owns locking, the Flask app
         context and error logging, so the scheduler only decides *when*.
     :param name: Shown in greenlet names and log lines (the session id).
+    :param clock: The time delays and periods are measured on; ``None``
+        uses :data:`REAL_CLOCK`.
     """
 
-    def __init__(self, invoke: Callable[[SessionCallback], Any], name: str) -> None:
+    def __init__(
+        self, invoke: Callable[[SessionCallback], Any], name: str, clock: Clock | None = None
+    ) -> None:
         self._invoke = invoke
         self._name = name
+        self._clock = REAL_CLOCK if clock is None else clock
         self._entries: dict[SessionCallback, _Entry] = {}
         self._group = gevent.pool.Group()
         self._hub = gevent.get_hub()
@@ -73,6 +149,11 @@ class CallbackScheduler:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def clock(self) -> Clock:
+        """The clock this scheduler runs on."""
+        return self._clock
 
     def _from_other_thread(self, method: Callable[..., Any], *args: Any) -> bool:
         return from_other_thread(self._hub, self._thread, method, *args)
@@ -87,7 +168,7 @@ class CallbackScheduler:
         self._entries[callback] = entry
         if isinstance(callback, PeriodicCallback):
             greenlet = gevent.Greenlet(self._run_periodic, callback, entry)
-            delay = 0.0
+            delay = max(callback.period, 1) / 1000.0
         elif isinstance(callback, TimeoutCallback):
             greenlet = gevent.Greenlet(self._run_once, callback, entry)
             delay = max(callback.timeout, 0) / 1000.0
@@ -100,10 +181,7 @@ class CallbackScheduler:
         greenlet.name = f"{type(callback).__name__}(session={self._name}, id={callback.id})"
         entry.greenlet = greenlet
         self._group.add(greenlet)
-        if delay:
-            greenlet.start_later(delay)
-        else:
-            greenlet.start()
+        self._clock.start(greenlet, delay)
 
     def remove(self, callback: SessionCallback) -> None:
         """Stop scheduling ``callback``. A run in progress finishes first."""
@@ -159,14 +237,13 @@ class CallbackScheduler:
                 del self._entries[callback]
 
     def _run_periodic(self, callback: PeriodicCallback, entry: _Entry) -> None:
+        # Started one period after add(); then every period, start to start.
+        clock = self._clock
         period = max(callback.period, 1) / 1000.0
-        due = time.monotonic() + period
         while True:
-            delay = due - time.monotonic()
-            gevent.sleep(max(delay, 0))
             if self._entries.get(callback) is not entry:
                 return
-            started = time.monotonic()
+            started = clock.now()
             entry.running = True
             try:
                 self._invoke(callback)
@@ -174,4 +251,7 @@ class CallbackScheduler:
                 entry.running = False
             if self._entries.get(callback) is not entry:
                 return
-            due = max(started + period, time.monotonic())
+            # A run longer than the period is followed at once by the next,
+            # never by a burst of the runs it overlapped.
+            due = max(started + period, clock.now())
+            clock.sleep(max(due - clock.now(), 0))

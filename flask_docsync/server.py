@@ -68,12 +68,6 @@ class DocSyncServer:
         #: names (see :func:`~flask_docsync.tokens.origin_refusal`).
         #: ``flask-docsync serve`` sets its bind address here.
         self.same_origin_hosts: tuple[str, ...] | None = None
-        #: ``scheduler_factory(invoke, name)`` makes the callback scheduler of
-        #: each session created from now on; ``None`` uses
-        #: :class:`~flask_docsync.scheduler.CallbackScheduler` (greenlets on
-        #: real time). :mod:`flask_docsync.testing` sets a virtual clock here
-        #: while its test client creates a session.
-        self.scheduler_factory: Callable[..., Any] | None = None
         self.contexts: dict[str, ApplicationContext] = {}
         self.connections: set[ServerConnection] = set()
         self._greenlets: list[gevent.Greenlet] = []
@@ -95,10 +89,13 @@ class DocSyncServer:
     def _session_created(self, route: str, session: ServerSession) -> None:
         signals.session_created.send(self, session=session, route=route)
 
-    def _make_scheduler(self, invoke: Callable[..., Any], name: str) -> Any:
-        # Looked up per session, so a factory set later applies to every app.
-        factory = self.scheduler_factory or CallbackScheduler
-        return factory(invoke, name)
+    def _make_scheduler(self, invoke: Callable[..., Any], name: str) -> CallbackScheduler:
+        # The clock comes from the context creating the session: the test
+        # client of flask_docsync.testing sets a virtual one around its own
+        # requests (scheduler.session_clock); everything else runs on real time.
+        from .scheduler import new_session_clock
+
+        return CallbackScheduler(invoke, name, clock=new_session_clock())
 
     def add_app(self, route: str, target: AppTarget, argv: Sequence[str] = ()) -> ApplicationContext:
         """Build the application ``target`` and serve it at ``route`` (normalized).

@@ -14,31 +14,43 @@ In the spirit of Flask's ``app.test_client()``::
 
 A session is opened the way a browser opens one. The app page is requested
 through Flask's test client, so view decorators, the ``authorize`` hook,
-cookies, headers and query arguments all apply. Then an in-memory WebSocket
-is attached to the new session: the ``authorize`` hook runs again for the
-WebSocket URL, the token from the page names the session, and every message
-in either direction is encoded with :func:`flask_docsync.protocol.encode`,
-read by the server's own :class:`~flask_docsync.connection.ServerConnection`
-and :class:`~flask_docsync.protocol.MessageDecoder`, and decoded again for
-the test as BokehJS would receive it.
+cookies, headers and query arguments all apply; the server's
+:data:`~flask_docsync.signals.session_created` signal tells which sessions
+that request created. Then the WebSocket upgrade request a browser would
+send goes through the same test client to the real ``/ws`` view, with an
+:class:`InMemoryWebSocket` in the WSGI environ under
+:data:`~flask_docsync.transport.ENVIRON_KEY` where production has the
+client socket. View decorators, the origin check, the ``authorize`` hook,
+the subprotocol and token checks and the mapping of refusals to statuses
+all run as in production, and the view serves the connection until it
+closes. Every message in either direction is encoded with
+:func:`flask_docsync.protocol.encode`, read by the server's own
+:class:`~flask_docsync.connection.ServerConnection` and
+:class:`~flask_docsync.protocol.MessageDecoder`, and decoded again for the
+test as BokehJS would receive it.
 
 The test client keeps a copy of the document as the browser sees it
 (:attr:`TestSession.browser_document`), built from ``PULL-DOC-REPLY`` and
 updated by every ``PATCH-DOC`` the server sends, and browser-side changes
 are sent as ``PATCH-DOC`` messages, as Bokeh's Python client does.
 
-Session callbacks never run on their own: the sessions a test client opens
-get a :class:`VirtualTimeScheduler`, and :meth:`TestSession.run_callbacks`
-advances its clock.
+Session callbacks never run on their own: the sessions a test client
+creates get the production :class:`~flask_docsync.scheduler.CallbackScheduler`
+on a :class:`VirtualClock`, and :meth:`TestSession.run_callbacks` advances
+that clock.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import contextvars
+import html
 import inspect
 import itertools
 import json
 import logging
-import re
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,9 +62,11 @@ import gevent.monkey
 import gevent.queue
 from bokeh.core.serialization import Serializable
 
+from . import signals
 from .apps import normalize_route
 from .errors import ConfigurationError, ConnectionClosed, DocSyncError, SessionError, UnknownApplication
-from .scheduler import _get_ident, from_other_thread
+from .scheduler import CallbackScheduler, session_clock
+from .transport import ENVIRON_KEY
 
 if TYPE_CHECKING:
     from bokeh.document import Document
@@ -75,6 +89,8 @@ __all__ = [
     "SessionClosed",
     "SessionRefused",
     "TestSession",
+    "VirtualClock",
+    "VirtualTime",
     "VirtualTimeScheduler",
 ]
 
@@ -82,24 +98,30 @@ log = logging.getLogger(__name__)
 
 
 #: Callbacks that may run at one virtual instant before
-#: :meth:`VirtualTimeScheduler.advance` decides they schedule each other forever.
+#: :meth:`VirtualClock.advance` decides they schedule each other forever.
 MAX_RUNS_PER_INSTANT = 10_000
 
-_TOKEN = re.compile(r'\\?"token\\?":\s*\\?"([A-Za-z0-9_.\-]+)\\?"')
 _msgids = itertools.count(1)
+
+#: The list collecting the sessions created by the test client's request in
+#: progress in this context; ``None`` outside the client's requests.
+_created_here: contextvars.ContextVar[list[tuple[ServerSession, str]] | None] = contextvars.ContextVar(
+    "flask_docsync.testing.created_here", default=None
+)
 
 
 # Errors ---------------------------------------------------------------------
 
 
 class SessionRefused(SessionError):
-    """The page request that creates a session was not answered with a page.
+    """A request that opens a session was refused: the page, or the WebSocket upgrade.
 
     :param status: The HTTP status of the answer (a redirect to a login
-        page, 401, 403, ...), or of the refused WebSocket.
+        page, 401, 403, ...), or of the refused WebSocket upgrade request.
     :param reason: What happened and what to do about it.
-    :param response: The Flask test response of the page request; ``None``
-        when the WebSocket step refused.
+    :param response: The Flask test response of the page request, or of the
+        WebSocket upgrade request when that was refused; ``None`` when
+        there is none.
     """
 
     def __init__(self, status: int, reason: str, response: TestResponse | None = None) -> None:
@@ -141,150 +163,216 @@ class SessionClosed(DocSyncError):
 # Virtual time -----------------------------------------------------------------
 
 
-class _Entry:
-    __slots__ = ("callback", "due", "seq", "period")
+class _Sleeper:
+    __slots__ = ("due", "seq", "greenlet", "wake")
 
-    def __init__(self, callback: SessionCallback, due: float, seq: int, period: float | None) -> None:
-        self.callback = callback
-        self.due = due
+    def __init__(self, due: int, seq: int, greenlet: Any, wake: gevent.event.Event | None) -> None:
+        self.due = due  # virtual nanoseconds
         self.seq = seq
-        self.period = period
+        self.greenlet = greenlet
+        # Set to end a sleep; None for a greenlet that has not started yet.
+        self.wake = wake
 
 
-class VirtualTimeScheduler:
-    """A session callback scheduler on a virtual clock that moves only when told.
+class VirtualClock:
+    """A :class:`~flask_docsync.scheduler.Clock` whose time moves only in :meth:`advance`.
 
-    It has the interface of :class:`~flask_docsync.scheduler.CallbackScheduler`
-    and the same timing rules, in virtual milliseconds counted from the
-    session's creation: next-tick callbacks are due at once, timeout
-    callbacks after their delay, periodic callbacks first after one period
-    and then every period, never overlapping. Callbacks run through the
-    session's own ``invoke``, so locking, the Flask app context, ``curdoc()``
-    and error logging are the real ones: a callback that raises is logged
-    with the session id and a periodic one keeps its schedule.
-
-    Nothing runs until :meth:`advance` is called; then the due callbacks run
-    one after another in the caller's greenlet, in order of due time, then
-    of scheduling.
-
-    :param invoke: Runs one callback object (the session's ``_invoke_callback``).
-    :param name: The session id, for log lines.
+    Give it to a :class:`~flask_docsync.scheduler.CallbackScheduler` and the
+    scheduler runs unchanged on virtual time: its greenlets start and sleep
+    on this clock, and nothing they wait for happens until :meth:`advance`
+    moves the clock past it. The test client gives one to every session it
+    creates. Time starts at ``0`` and is kept in whole nanoseconds, so
+    millisecond figures add up exactly.
     """
 
-    def __init__(self, invoke: Callable[[SessionCallback], Any], name: str) -> None:
-        self._invoke = invoke
-        self._name = name
-        self._entries: dict[SessionCallback, _Entry] = {}
+    def __init__(self) -> None:
+        self._ns = 0
         self._seq = itertools.count()
-        self._now = 0.0
-        self._closed = False
-        self._hub = gevent.get_hub()
-        self._thread = _get_ident()
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        self._sleepers: dict[Any, _Sleeper] = {}
+        self._woken: Any = None
+        self._settled = gevent.event.Event()
 
     def __repr__(self) -> str:
-        return f"<VirtualTimeScheduler session={self._name[:12]}... now={self._now:g}ms pending={len(self)}>"
+        return f"<VirtualClock {self.now_ms:g} ms, {len(self._sleepers)} waiting>"
+
+    # The Clock protocol
+
+    def now(self) -> float:
+        """Virtual seconds since the clock was made."""
+        return self._ns / 1e9
+
+    def sleep(self, seconds: float) -> None:
+        """Block the calling greenlet until :meth:`advance` reaches ``seconds`` from now."""
+        current = gevent.getcurrent()
+        sleeper = _Sleeper(self._due(seconds), next(self._seq), current, gevent.event.Event())
+        self._sleepers[current] = sleeper
+        if current is self._woken:
+            self._settled.set()
+        try:
+            sleeper.wake.wait()  # type: ignore[union-attr]
+        finally:
+            if self._sleepers.get(current) is sleeper:
+                del self._sleepers[current]
+
+    def start(self, greenlet: gevent.Greenlet, seconds: float) -> None:
+        """Start ``greenlet`` when :meth:`advance` reaches ``seconds`` from now (``0``: the next advance)."""
+        self._sleepers[greenlet] = _Sleeper(self._due(seconds), next(self._seq), greenlet, None)
+        greenlet.rawlink(self._ended)
+
+    # Driving it
 
     @property
-    def now(self) -> float:
-        """Virtual milliseconds since the session was created."""
-        return self._now
+    def now_ms(self) -> float:
+        """Virtual milliseconds since the clock was made."""
+        return self._ns / 1e6
 
-    def pending(self) -> list[tuple[float, SessionCallback]]:
-        """``(due_in_ms, callback)`` of every scheduled callback, soonest first."""
-        entries = sorted(self._entries.values(), key=lambda e: (e.due, e.seq))
-        return [(max(e.due - self._now, 0.0), e.callback) for e in entries]
+    def waiting(self) -> list[tuple[float, Any]]:
+        """``(due_in_ms, greenlet)`` of every greenlet waiting on the clock, soonest first."""
+        sleepers = sorted(
+            (s for s in self._sleepers.values() if not s.greenlet.dead), key=lambda s: (s.due, s.seq)
+        )
+        return [(max(s.due - self._ns, 0) / 1e6, s.greenlet) for s in sleepers]
 
-    def _from_other_thread(self, method: Callable[..., Any], *args: Any) -> bool:
-        return from_other_thread(self._hub, self._thread, method, *args)
+    def advance(self, ms: float = 0, timeout: float | None = None) -> int:
+        """Move the clock ``ms`` milliseconds on, waking every greenlet that falls due.
 
-    def add(self, callback: SessionCallback) -> None:
-        """Schedule ``callback`` (a Bokeh ``SessionCallback``) from the current virtual time."""
-        from bokeh.server.callbacks import NextTickCallback, PeriodicCallback, TimeoutCallback
+        Greenlets are woken one at a time, in order of due time, then of
+        when they started waiting; the next is woken only once the last one
+        waits on the clock again or has ended. A greenlet a woken one starts
+        or that sleeps again is woken in the same call if it falls due
+        within the window. A scheduler's greenlet runs one callback per
+        wake-up.
 
-        if self._from_other_thread(self.add, callback):
-            return
-        if self._closed or callback in self._entries:
-            return
-        if isinstance(callback, PeriodicCallback):
-            period = float(max(callback.period, 1))
-            entry = _Entry(callback, self._now + period, next(self._seq), period)
-        elif isinstance(callback, TimeoutCallback):
-            entry = _Entry(callback, self._now + max(callback.timeout, 0), next(self._seq), None)
-        elif isinstance(callback, NextTickCallback):
-            entry = _Entry(callback, self._now, next(self._seq), None)
-        else:
-            raise TypeError(f"cannot schedule {callback!r}: not a Bokeh session callback")
-        self._entries[callback] = entry
-
-    def remove(self, callback: SessionCallback) -> None:
-        """Stop scheduling ``callback``; a run in progress finishes."""
-        if self._from_other_thread(self.remove, callback):
-            return
-        self._entries.pop(callback, None)
-
-    def close(self) -> None:
-        """Drop every callback; used when the session is destroyed."""
-        self._closed = True
-        self._entries.clear()
-
-    def advance(self, ms: float = 0) -> int:
-        """Move the clock ``ms`` milliseconds on, running every callback that falls due.
-
-        Callbacks due at the same instant run in the order they were
-        scheduled; callbacks they schedule run too when they fall due within
-        the window (a next-tick callback added by a callback runs in the same
-        call).
-
-        :param ms: How far to move the clock; ``0`` runs what is due now.
-        :return: How many callbacks ran.
+        :param ms: How far to move the clock; ``0`` wakes what is due now.
+        :param timeout: Real seconds to wait for one woken greenlet;
+            ``None`` waits as long as it takes.
+        :return: How many greenlets were woken (for a scheduler: how many
+            callbacks ran).
+        :raises ValueError: for a negative ``ms``.
         :raises RuntimeError: when more than :data:`MAX_RUNS_PER_INSTANT`
-            callbacks run without the clock moving (callbacks that keep
-            scheduling each other).
+            wake-ups happen without the clock moving (callbacks that keep
+            scheduling next-tick callbacks), or while another call of
+            ``advance`` is running.
+        :raises TimeoutError: when a woken greenlet neither waits on the
+            clock again nor ends within ``timeout``.
         """
         if ms < 0:
             raise ValueError(f"The clock only moves forward; got ms={ms!r}.")
-        target = self._now + ms
-        ran = 0
+        if self._woken is not None:
+            raise RuntimeError("VirtualClock.advance() is already running.")
+        target = self._ns + round(ms * 1e6)
+        woken = 0
         at_instant = 0
-        while not self._closed:
-            due = [e for e in self._entries.values() if e.due <= target]
+        # Kills and starts already asked for land first.
+        gevent.sleep(0)
+        while True:
+            due = [s for s in self._sleepers.values() if s.due <= target and not s.greenlet.dead]
             if not due:
                 break
-            entry = min(due, key=lambda e: (e.due, e.seq))
-            if entry.due > self._now:
-                self._now = entry.due
+            sleeper = min(due, key=lambda s: (s.due, s.seq))
+            if sleeper.due > self._ns:
+                self._ns = sleeper.due
                 at_instant = 0
             at_instant += 1
             if at_instant > MAX_RUNS_PER_INSTANT:
                 raise RuntimeError(
-                    f"Session {self._name}: more than {MAX_RUNS_PER_INSTANT} callbacks ran at virtual"
-                    f" time {self._now:g} ms; callbacks keep scheduling next-tick callbacks forever."
+                    f"More than {MAX_RUNS_PER_INSTANT} callbacks ran at virtual time {self.now_ms:g} ms;"
+                    " callbacks keep scheduling next-tick callbacks forever."
                 )
-            self._run(entry)
-            ran += 1
-        self._now = max(self._now, target)
-        return ran
+            self._wake(sleeper, timeout)
+            woken += 1
+        self._ns = max(self._ns, target)
+        return woken
 
-    def _run(self, entry: _Entry) -> None:
-        callback = entry.callback
-        if entry.period is None:
-            # Bokeh's one-shot wrapper removes the callback before running it;
-            # this covers a callback removed otherwise or that raised first.
-            try:
-                self._invoke(callback)
-            finally:
-                if self._entries.get(callback) is entry:
-                    del self._entries[callback]
-            return
-        started = self._now
-        self._invoke(callback)
-        if self._entries.get(callback) is entry:
-            # Start to start, as the real scheduler; a run takes no virtual time.
-            entry.due = max(started + entry.period, self._now)
-            entry.seq = next(self._seq)
+    # Internals
+
+    def _due(self, seconds: float) -> int:
+        return self._ns + max(round(seconds * 1e9), 0)
+
+    def _wake(self, sleeper: _Sleeper, timeout: float | None) -> None:
+        greenlet = sleeper.greenlet
+        del self._sleepers[greenlet]
+        self._woken = greenlet
+        self._settled.clear()
+        try:
+            if sleeper.wake is None:
+                greenlet.start()
+            else:
+                sleeper.wake.set()
+            while not greenlet.dead and greenlet not in self._sleepers:
+                if not self._settled.wait(timeout):
+                    raise TimeoutError(
+                        f"{getattr(greenlet, 'name', greenlet)} neither ended nor waited on the virtual"
+                        f" clock again within {timeout} s."
+                    )
+                self._settled.clear()
+        finally:
+            self._woken = None
+
+    def _ended(self, greenlet: Any) -> None:
+        self._sleepers.pop(greenlet, None)
+        if greenlet is self._woken:
+            self._settled.set()
+
+
+class VirtualTime:
+    """A session's callback scheduler seen on its :class:`VirtualClock`.
+
+    What :attr:`TestSession.scheduler` returns. The scheduler is the real
+    :class:`~flask_docsync.scheduler.CallbackScheduler`, with the same
+    timing rules as in production, in virtual milliseconds counted from
+    the session's creation: next-tick callbacks are due at once, timeout
+    callbacks after their delay, periodic callbacks first after one period
+    and then every period, never overlapping. They run on the scheduler's
+    own greenlets through the session's own ``invoke``, so locking, the
+    Flask app context, ``curdoc()`` and error logging are the real ones.
+
+    :param scheduler: A scheduler made with ``clock=VirtualClock()``.
+    :raises TypeError: when the scheduler runs on another clock.
+    """
+
+    def __init__(self, scheduler: CallbackScheduler) -> None:
+        clock = scheduler.clock
+        if not isinstance(clock, VirtualClock):
+            raise TypeError(f"{scheduler!r} runs on {clock!r}, not on a VirtualClock.")
+        #: The scheduler.
+        self.scheduler = scheduler
+        #: Its clock.
+        self.clock: VirtualClock = clock
+
+    def __len__(self) -> int:
+        return len(self.scheduler)
+
+    def __repr__(self) -> str:
+        return f"<VirtualTime now={self.now:g}ms pending={len(self)}>"
+
+    @property
+    def now(self) -> float:
+        """Virtual milliseconds since the session was created."""
+        return self.clock.now_ms
+
+    def pending(self) -> list[tuple[float, SessionCallback]]:
+        """``(due_in_ms, callback)`` of every scheduled callback waiting on the clock, soonest first."""
+        # The scheduler's own record of which greenlet runs which callback.
+        callbacks = {e.greenlet: cb for cb, e in self.scheduler._entries.items() if e.greenlet is not None}
+        return [(ms, callbacks[g]) for ms, g in self.clock.waiting() if g in callbacks]
+
+    def advance(self, ms: float = 0, timeout: float | None = None) -> int:
+        """Move the clock ``ms`` milliseconds on and run the callbacks that fall due.
+
+        Callbacks due at the same instant run in the order they were
+        scheduled; callbacks they schedule run too when they fall due within
+        the window (a next-tick callback added by a callback runs in the same
+        call). See :meth:`VirtualClock.advance`.
+
+        :return: How many callbacks ran.
+        """
+        return self.clock.advance(ms, timeout)
+
+
+#: The former name of :class:`VirtualTime`, from when the test client had a
+#: scheduler of its own for virtual time; kept so imports keep working.
+VirtualTimeScheduler = VirtualTime
 
 
 # The in-memory WebSocket -------------------------------------------------------
@@ -301,11 +389,12 @@ class _ClientClose:
 class InMemoryWebSocket:
     """The server's side of a WebSocket whose other end is a test.
 
-    It has the interface :class:`~flask_docsync.connection.ServerConnection`
-    uses (``receive``, ``send_many``, ``ping``, ``close``, ``abort``,
-    ``closed``, ``last_pong``). The test feeds frames with :meth:`deliver`;
-    what the server sends goes to ``on_frames(frames)``, one call per
-    message.
+    A :class:`~flask_docsync.transport.Transport`: the test client puts it
+    in the upgrade request's environ under
+    :data:`~flask_docsync.transport.ENVIRON_KEY`, and the ``/ws`` view gets
+    it from :meth:`~flask_docsync.websocket.WebSocket.accept` in place of
+    the client socket. The test feeds frames with :meth:`deliver`; what the
+    server sends goes to ``on_frames(frames)``, one call per write.
 
     :param on_frames: Called with the frames of every message the server sends.
     :param on_close: Called once with ``(code, reason)`` when the server
@@ -478,6 +567,9 @@ class TestSession:
         self.close_reason = ""
         self._transport = InMemoryWebSocket(self._on_frames, self._on_server_close)
         self._connection: ServerConnection | None = None
+        self._acked = gevent.event.Event()
+        # Runs the WebSocket upgrade request, whose view serves the
+        # connection until it closes.
         self._greenlet: gevent.Greenlet | None = None
 
     def __repr__(self) -> str:
@@ -492,19 +584,40 @@ class TestSession:
 
     # Connecting
 
-    def _connect(self, server: DocSyncServer) -> None:
-        """Attach the in-memory WebSocket and pull the document, as BokehJS does."""
+    def _connect(self, page: TestResponse, headers: Mapping[str, str] | None) -> None:
+        """Send the browser's WebSocket upgrade request to the ``/ws`` view and pull the document.
+
+        :param page: The response of the page that created the session; the
+            WebSocket goes to the same host, with that page as ``Origin``.
+        :param headers: Extra headers of the page request, sent again here
+            (as a proxy in front of the app would add them); ``None`` adds none.
+        :raises SessionRefused: when the view answers anything but ``101``.
+        """
         from .protocol import protocol
 
-        self._greenlet = gevent.spawn(server.serve_connection, self._transport, self._server_session)
-        self._greenlet.name = f"docsync-test-connection(session={self.id})"
-        deadline = time.monotonic() + self._timeout
-        while not any(m.msgtype == "ACK" for m in self._received):
-            if self._greenlet.dead or self._transport.closed:
-                raise SessionClosed(self._transport.close_code, self._transport.close_reason or "before the ACK")
-            if time.monotonic() > deadline:
+        client = self._client
+        server = client.server
+        page_request = page.request
+        path = server.settings.url_prefix + (self.route if self.route != "/" else "") + "/ws"
+        ws_headers = {
+            "Origin": f"{page_request.scheme}://{page_request.host}",
+            **dict(headers or {}),
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode("ascii"),
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Protocol": f"bokeh, {self._server_session.token}",
+        }
+        self._greenlet = client._spawn_request(path, page_request.root_url, ws_headers, self._transport)
+        self._greenlet.name = f"docsync-test-websocket(session={self.id})"
+        gevent.wait([self._acked, self._greenlet], timeout=self._timeout, count=1)
+        if not self._acked.is_set():
+            if not self._greenlet.dead:
                 raise TimeoutError(f"Session {self.id}: no ACK from the server within {self._timeout} s.")
-            gevent.sleep(0.001)
+            response = client._request_result(self._greenlet)
+            if response.status_code != 101:
+                raise _websocket_refusal(path, response)
+            raise SessionClosed(self._transport.close_code, self._transport.close_reason or "before the ACK")
         self._connection = next((c for c in server.connections if c.ws is self._transport), None)
         self._request(protocol.create("PULL-DOC-REQ"), check=True)
 
@@ -636,15 +749,19 @@ class TestSession:
     # Virtual time
 
     @property
-    def scheduler(self) -> VirtualTimeScheduler:
-        """The session's :class:`VirtualTimeScheduler`."""
+    def scheduler(self) -> VirtualTime:
+        """The session's callback scheduler on its virtual clock, as a :class:`VirtualTime`.
+
+        :raises RuntimeError: when the session was not created by the test
+            client, so its scheduler runs on real time.
+        """
         scheduler = self._server_session.scheduler
-        if not isinstance(scheduler, VirtualTimeScheduler):
+        if not isinstance(getattr(scheduler, "clock", None), VirtualClock):
             raise RuntimeError(
                 f"Session {self.id} was not created by the test client, so its callbacks run on real"
-                f" time (its scheduler is {type(scheduler).__name__})."
+                f" time (its scheduler runs on {getattr(scheduler, 'clock', scheduler)!r})."
             )
-        return scheduler
+        return VirtualTime(scheduler)
 
     @property
     def now(self) -> float:
@@ -656,17 +773,20 @@ class TestSession:
 
         Next-tick callbacks are always due; timeout callbacks run once their
         delay has passed, periodic callbacks at every period boundary within
-        the window. No real time passes. When it returns, the patches the
-        callbacks made are in :attr:`received` and applied to
+        the window. No real time passes. They run one at a time on the
+        scheduler's own greenlets, as in production. When it returns, the
+        patches the callbacks made are in :attr:`received` and applied to
         :attr:`browser_document`.
 
         :param ms: Virtual milliseconds to move the clock; ``0`` runs only
             what is due now.
         :return: How many callbacks ran.
+        :raises TimeoutError: when one callback takes longer than the
+            client's ``timeout`` in real seconds.
         """
         self._ensure_open()
         self._flush_outgoing(True)
-        ran = self.scheduler.advance(ms)
+        ran = self.scheduler.advance(ms, timeout=self._timeout)
         self._settle()
         return ran
 
@@ -712,8 +832,8 @@ class TestSession:
     def close(self) -> None:
         """Close the connection as a browser tab would, then discard the session.
 
-        ``connection_lost`` callbacks and ``on_session_destroyed`` hooks run.
-        Calling it again does nothing.
+        The ``/ws`` view returns, ``connection_lost`` callbacks and
+        ``on_session_destroyed`` hooks run. Calling it again does nothing.
         """
         if self._closed:
             return
@@ -723,7 +843,7 @@ class TestSession:
             if self._greenlet is not None:
                 self._greenlet.join(timeout=self._timeout)
                 if not self._greenlet.dead:
-                    log.warning("Session %s: the test connection did not end; killing it", self.id)
+                    log.warning("Session %s: the WebSocket view did not return; killing it", self.id)
                     self._greenlet.kill(block=True, timeout=self._timeout)
             if self.close_code is None:
                 self.close_code, self.close_reason = self._transport.close_code, self._transport.close_reason
@@ -771,6 +891,8 @@ class TestSession:
             except Exception as exc:
                 self._problems.append(f"a message the browser cannot apply ({exc!r}): {message!r}")
                 continue
+            if received.msgtype == "ACK":
+                self._acked.set()
             reqid = received.reqid
             if reqid is not None and reqid in self._waiting:
                 self._waiting.pop(reqid).set(received)
@@ -916,12 +1038,15 @@ class DocSyncTestClient:
 
     :param app: The Flask app, with :class:`~flask_docsync.DocSync` initialized.
     :param flask_test_client: The Flask test client whose requests open
-        sessions, so its cookies (a logged-in user) apply. ``None`` makes a
-        new ``app.test_client()``.
-    :param timeout: Real seconds to wait for a reply from the server before
-        :exc:`TimeoutError`; nothing in a healthy test comes close.
+        sessions (the page and the WebSocket upgrade), so its cookies (a
+        logged-in user) apply. ``None`` makes a new ``app.test_client()``.
+    :param timeout: Real seconds to wait for a reply from the server, or for
+        one session callback, before :exc:`TimeoutError`; nothing in a
+        healthy test comes close.
 
-    Close the sessions it opened with :meth:`close` (or use it as a context
+    Each open session's WebSocket request runs on a greenlet of its own
+    while the ``/ws`` view serves the connection; closing the session ends
+    it. Close the sessions it opened with :meth:`close` (or use it as a context
     manager); each :class:`TestSession` can also be closed on its own. The
     server's background greenlets (started with the first session) stop
     with ``app.extensions["docsync"].stop()``.
@@ -961,33 +1086,42 @@ class DocSyncTestClient:
         """Open a session of the app at ``route`` as a browser would.
 
         The app page is requested through the Flask test client (with view
-        decorators, the ``authorize`` hook and cookies), then an in-memory
-        WebSocket is attached to the session the page created and the
-        document is pulled.
+        decorators, the ``authorize`` hook and cookies), then the WebSocket
+        upgrade request goes to the app's ``/ws`` view with an in-memory
+        socket, for the session the page created, and the document is
+        pulled.
 
         :param route: The route as registered, e.g. ``"/sliders"``.
         :param arguments: Query arguments of the page request, seen by the
             app as ``session_context.request.arguments``; a value may be a
             list. ``None`` sends none.
-        :param headers: Extra headers of the page request; ``None`` adds none.
+        :param headers: Extra headers of the page request, sent with the
+            WebSocket upgrade request too; ``None`` adds none.
         :raises UnknownApplication: when nothing is registered at ``route``;
             the message lists the registered routes.
         :raises SessionRefused: when the page is not served (a view
             decorator redirects to a login page, the ``authorize`` hook
-            refuses, ...).
+            refuses, ...), creates no session, or the WebSocket is refused
+            (then the session the page created is discarded).
         """
         server = self.server
         route = normalize_route(route)
         if not server.has_route(route):
             raise UnknownApplication(route, server.routes())
         url = server.settings.url_prefix + (route if route != "/" else "/")
-        response = self._get_page(url, arguments, headers)
-        tokens = _TOKEN.findall(response.get_data(as_text=True))
-        if not tokens:
+        response, created = self._get_page(url, arguments, headers)
+        ours = next((s for s, r in created if r == route), None)
+        for session, session_route in created:
+            if session is not ours:
+                self._discard_created(session, session_route)
+        if ours is None:
             raise SessionRefused(
-                response.status_code, f"The page {url} embeds no session token.", response
+                response.status_code,
+                f"GET {url} answered {response.status_code} but created no session of {route}"
+                " (a page that joins an existing session cannot be opened here).",
+                response,
             )
-        return self._attach(tokens[0], route, response)
+        return self._connect(ours, route, response, headers)
 
     def open_page(
         self,
@@ -998,32 +1132,37 @@ class DocSyncTestClient:
     ) -> list[TestSession]:
         """Open every document a page of the host app embeds (``docsync_document(...)``).
 
+        These are the sessions the page request created (with
+        ``docsync_document`` or ``docsync.create_session``), each connected
+        through the ``/ws`` view as :meth:`open` does.
+
         :param path: The page's URL path, e.g. ``"/dashboard"``.
         :param arguments: Query arguments of the page request; ``None`` sends none.
-        :param headers: Extra headers of the page request; ``None`` adds none.
-        :return: One session per embedded document, in page order.
-        :raises SessionRefused: when the page is not served, or embeds no
-            document (the ``authorize`` hook refused them all).
+        :param headers: Extra headers of the page request, sent with the
+            WebSocket upgrade requests too; ``None`` adds none.
+        :return: One session per session created, in the order the page
+            created them.
+        :raises SessionRefused: when the page is not served, creates no
+            session (the ``authorize`` hook refused them all), or a
+            WebSocket is refused.
         """
-        response = self._get_page(path, arguments, headers)
-        tokens = list(dict.fromkeys(_TOKEN.findall(response.get_data(as_text=True))))
-        if not tokens:
+        response, created = self._get_page(path, arguments, headers)
+        if not created:
             raise SessionRefused(
                 403,
-                f"The page {path} embeds no DocSync document (the authorize hook refuses"
+                f"The page {path} created no DocSync session (the authorize hook refuses"
                 " embedded documents with an empty placeholder).",
                 response,
             )
         opened: list[TestSession] = []
         try:
-            for token in tokens:
-                route = self._route_of_token(token)
-                opened.append(self._attach(token, route, response))
+            for server_session, route in created:
+                opened.append(self._connect(server_session, route, response, headers))
         except BaseException:
             for session in opened:
                 session.close()
-            for token in tokens[len(opened):]:
-                self._discard_token(token)
+            for server_session, route in created[len(opened):]:
+                self._discard_created(server_session, route)
             raise
         return opened
 
@@ -1034,16 +1173,46 @@ class DocSyncTestClient:
 
     # Internals
 
+    @contextlib.contextmanager
+    def _requests(self) -> Iterator[list[tuple[ServerSession, str]]]:
+        """Around the client's own requests: what they create gets a virtual clock and is collected.
+
+        Both go by context variables, so sessions created meanwhile by other
+        greenlets (other requests, other test clients) are left alone.
+        """
+        created: list[tuple[ServerSession, str]] = []
+
+        def collect(sender: Any, session: ServerSession, route: str, **extra: Any) -> None:
+            if _created_here.get() is created:
+                created.append((session, route))
+
+        clock_token = session_clock.set(VirtualClock)
+        created_token = _created_here.set(created)
+        try:
+            with signals.session_created.connected_to(collect, sender=self.server):
+                yield created
+        finally:
+            _created_here.reset(created_token)
+            session_clock.reset(clock_token)
+
     def _get_page(
         self, url: str, arguments: Mapping[str, Any] | None, headers: Mapping[str, str] | None
-    ) -> TestResponse:
+    ) -> tuple[TestResponse, list[tuple[ServerSession, str]]]:
+        """GET a page; its response and the ``(session, route)`` it created, in order."""
         query = {
             str(k): [_text(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
             for k, value in (arguments or {}).items()
         }
-        with self._virtual_time():
-            response = self.http.get(url, query_string=query, headers=dict(headers or {}))
+        with self._requests() as created:
+            try:
+                response = self.http.get(url, query_string=query, headers=dict(headers or {}))
+            except BaseException:
+                for session, route in created:
+                    self._discard_created(session, route)
+                raise
         if response.status_code != 200:
+            for session, route in created:
+                self._discard_created(session, route)
             where = response.headers.get("Location")
             body = response.get_data(as_text=True).strip()
             detail = f"redirected to {where}" if where else (body[:300] or "no body")
@@ -1054,85 +1223,72 @@ class DocSyncTestClient:
                 " the Flask test client passed as flask_test_client=.",
                 response,
             )
+        return response, list(created)
+
+    def _spawn_request(
+        self, path: str, base_url: str, headers: Mapping[str, str], transport: InMemoryWebSocket
+    ) -> gevent.Greenlet:
+        """Start the WebSocket upgrade request for ``path`` on its own greenlet.
+
+        The greenlet's value is ``(response, None)``, or ``(None, exc)``
+        when the request raised.
+        """
+        from flask.testing import EnvironBuilder
+        from werkzeug.test import Client
+
+        http = self.http
+        builder = EnvironBuilder(
+            self.app,
+            path,
+            base_url=base_url,
+            headers=dict(headers),
+            environ_base=dict(getattr(http, "environ_base", None) or {}),
+            environ_overrides={ENVIRON_KEY: transport},
+        )
+        try:
+            request = builder.get_request()
+        finally:
+            builder.close()
+
+        def run() -> tuple[TestResponse | None, BaseException | None]:
+            try:
+                # Werkzeug's Client.open, which adds and keeps the client's
+                # cookies: FlaskClient.open would pop, from this greenlet,
+                # the contexts a `with client:` block keeps in the test's.
+                return Client.open(http, request, buffered=True), None
+            except Exception as exc:
+                return None, exc
+
+        # The request sees the test's context variables, as the page
+        # request did: sessions it creates get a virtual clock too.
+        with self._requests():
+            context = contextvars.copy_context()
+        return gevent.spawn(context.run, run)
+
+    def _request_result(self, greenlet: gevent.Greenlet) -> TestResponse:
+        """The response of a finished :meth:`_spawn_request`; re-raises what the request raised."""
+        response, exc = greenlet.get()
+        if exc is not None:
+            raise exc
         return response
 
-    def _virtual_time(self) -> Any:
-        """Sessions created inside get a :class:`VirtualTimeScheduler`."""
-        import contextlib
-
-        server = self.server
-
-        @contextlib.contextmanager
-        def installed() -> Iterator[None]:
-            previous = server.scheduler_factory
-            server.scheduler_factory = VirtualTimeScheduler
-            try:
-                yield
-            finally:
-                server.scheduler_factory = previous
-
-        return installed()
-
-    def _route_of_token(self, token: str) -> str:
-        session_id, _ = self.server.tokens.decode(token)
-        for route, context in self.server.contexts.items():
-            if context.get_session(session_id) is not None:
-                return route
-        raise SessionError(404, f"The page embeds session {session_id}, which no app of this server has.")
-
-    def _discard_token(self, token: str) -> None:
-        try:
-            session_id, _ = self.server.tokens.decode(token)
-        except SessionError:
-            return
-        for context in self.server.contexts.values():
-            session = context.get_session(session_id)
-            if session is not None and session.connection_count == 0:
-                context.discard_session(session)
-
-    def _attach(self, token: str, route: str, page: TestResponse) -> TestSession:
-        """Connect to the session ``token`` names the way the ``/ws`` view does."""
-        from .blueprint import authorize, request_data
-
-        server = self.server
-        page_request = page.request
-        ws_path = server.settings.url_prefix + (route if route != "/" else "") + "/ws"
-        headers = {
-            k: v for k, v in page_request.headers.items()
-            if k.lower() not in ("content-length", "content-type")
-        }
-        headers.update({
-            "Upgrade": "websocket",
-            "Connection": "Upgrade",
-            "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Protocol": f"bokeh, {token}",
-        })
-        try:
-            with self.app.test_request_context(
-                ws_path,
-                base_url=page_request.url_root,
-                headers=headers,
-                environ_base={"REMOTE_ADDR": page_request.remote_addr or "127.0.0.1"},
-            ), self._virtual_time():
-                user, refusal = authorize(route)
-                if refusal is not None:
-                    raise SessionRefused(
-                        refusal.status_code,
-                        f"The authorize hook refused the WebSocket {ws_path} ({refusal.status_code})"
-                        " although it served the page.",
-                    )
-                server_session = server.session_for_token(route, token, request_data(user))
-        except BaseException:
-            self._discard_token(token)
-            raise
+    def _connect(
+        self, server_session: ServerSession, route: str, page: TestResponse, headers: Mapping[str, str] | None
+    ) -> TestSession:
         session = TestSession(self, server_session, route, self.timeout)
         self._sessions.append(session)
         try:
-            session._connect(server)
+            session._connect(page, headers)
         except BaseException:
             session.close()
             raise
         return session
+
+    def _discard_created(self, server_session: ServerSession, route: str) -> None:
+        """Discard a session a page created and no WebSocket uses."""
+        context = self.server.contexts.get(route)
+        if context is not None and not server_session.destroyed and server_session.connection_count == 0:
+            context.discard_session(server_session)
 
     def _discard(self, session: TestSession) -> None:
         if session in self._sessions:
@@ -1143,6 +1299,21 @@ class DocSyncTestClient:
         context = self.server.contexts.get(session.route)
         if context is not None:
             context.discard_session(server_session)
+
+
+def _websocket_refusal(path: str, response: TestResponse) -> SessionRefused:
+    status = response.status_code
+    where = response.headers.get("Location")
+    # The view's refusals are text/plain with the reason HTML-escaped.
+    body = html.unescape(response.get_data(as_text=True).strip())
+    detail = f"redirected to {where}" if where else (body[:500] or "no body")
+    return SessionRefused(
+        status,
+        f"The WebSocket upgrade GET {path} answered {status} instead of 101 ({detail}): a view"
+        " decorator, the origin check, the authorize hook or the session token refused the"
+        " WebSocket although the page was served.",
+        response,
+    )
 
 
 def _text(value: Any) -> str:

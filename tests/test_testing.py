@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import gevent
+import gevent.monkey
 import numpy as np
 import pytest
 from bokeh.events import ValueSubmit
@@ -13,12 +15,17 @@ from flask import Flask, abort, redirect, render_template_string, request, sessi
 
 from flask_docsync import DocSync
 from flask_docsync.errors import UnknownApplication
+from flask_docsync.scheduler import REAL_CLOCK, CallbackScheduler
 from flask_docsync.session import live_sessions
+from flask_docsync.transport import ENVIRON_KEY, Transport
 from flask_docsync.testing import (
     DocSyncTestClient,
     ErrorReply,
+    InMemoryWebSocket,
     SessionClosed,
     SessionRefused,
+    VirtualClock,
+    VirtualTime,
     VirtualTimeScheduler,
 )
 
@@ -209,32 +216,51 @@ def test_raising_periodic_callback_is_logged_and_keeps_its_schedule(make_app, ca
         assert session.scheduler.pending()[0][0] == 100
 
 
+def _virtual_scheduler(invoke):
+    """The production scheduler on a virtual clock, seen as the test client's sessions see it."""
+    return VirtualTime(CallbackScheduler(invoke, "s", clock=VirtualClock()))
+
+
 def test_virtual_scheduler_runs_due_callbacks_in_order():
     from bokeh.server.callbacks import NextTickCallback, PeriodicCallback, TimeoutCallback
 
     calls: list[tuple[str, float]] = []
-    scheduler = VirtualTimeScheduler(lambda cb: calls.append((cb.callback(), scheduler.now)), "s")
-    scheduler.add(PeriodicCallback(lambda: "p", 30, callback_id="p"))
-    scheduler.add(TimeoutCallback(lambda: "t", 30, callback_id="t"))
-    scheduler.add(NextTickCallback(lambda: "n", callback_id="n"))
+    greenlets = []
+
+    def invoke(cb):
+        greenlets.append(gevent.getcurrent())
+        calls.append((cb.callback(), scheduler.now))
+
+    scheduler = _virtual_scheduler(invoke)
+    scheduler.scheduler.add(PeriodicCallback(lambda: "p", 30, callback_id="p"))
+    scheduler.scheduler.add(TimeoutCallback(lambda: "t", 30, callback_id="t"))
+    scheduler.scheduler.add(NextTickCallback(lambda: "n", callback_id="n"))
+    gevent.sleep(0.05)  # real time passes: nothing runs on its own
+    assert calls == []
     assert scheduler.advance(0) == 1
     assert scheduler.advance(100) == 4
     assert calls == [("n", 0), ("p", 30), ("t", 30), ("p", 60), ("p", 90)]
     assert scheduler.now == 100 and len(scheduler) == 1
     assert scheduler.pending()[0][0] == 20
+    # Each callback ran on the scheduler's own greenlet for it, as in production.
+    assert gevent.getcurrent() not in greenlets and len(set(greenlets)) == 3
     with pytest.raises(ValueError):
         scheduler.advance(-1)
-    scheduler.close()
+    scheduler.scheduler.close()
     assert scheduler.advance(1000) == 0 and len(scheduler) == 0
+    assert scheduler.clock.waiting() == []
 
 
 def test_callbacks_that_schedule_each_other_forever_are_stopped():
     from bokeh.server.callbacks import NextTickCallback
 
-    scheduler = VirtualTimeScheduler(lambda cb: scheduler.add(NextTickCallback(lambda: None, callback_id="x")), "s")
-    scheduler.add(NextTickCallback(lambda: None, callback_id="first"))
+    scheduler = _virtual_scheduler(
+        lambda cb: scheduler.scheduler.add(NextTickCallback(lambda: None, callback_id="x"))
+    )
+    scheduler.scheduler.add(NextTickCallback(lambda: None, callback_id="first"))
     with pytest.raises(RuntimeError, match="keep scheduling"):
         scheduler.advance(0)
+    scheduler.scheduler.close()
 
 
 # access control ---------------------------------------------------------------
@@ -403,6 +429,7 @@ def test_sessions_opened_by_the_page_use_real_time_otherwise(make_app):
     assert app.test_client().get("/docsync/streaming").status_code == 200
     [real] = app.extensions["docsync"].get_context("/streaming").sessions
     assert not isinstance(real.scheduler, VirtualTimeScheduler)
+    assert real.scheduler.clock is REAL_CLOCK
     app.extensions["docsync"].get_context("/streaming").discard_session(real)
 
 
@@ -458,3 +485,155 @@ def test_new_models_from_callbacks_reach_the_browser(make_app):
         # The browser's copy is complete: a fresh pull gives the same models.
         before = {m.id for m in session.browser_document.models}
         assert {m.id for m in session.pull().models} == before
+
+
+# the real WebSocket view --------------------------------------------------------
+
+def test_in_memory_websocket_is_a_transport():
+    assert isinstance(InMemoryWebSocket(lambda frames: None), Transport)
+
+
+def test_view_decorator_refusing_the_websocket_discards_the_page_session(make_app):
+    def no_websockets(view):
+        @functools.wraps(view)
+        def wrapper(*args, **kwargs):
+            if request.path.endswith("/ws"):
+                abort(403)
+            return view(*args, **kwargs)
+
+        return wrapper
+
+    app, docsync = make_app(decorators=[no_websockets])
+    destroyed = []
+
+    @docsync.app("/hooks")
+    def hooks(doc):
+        doc.on_session_destroyed(lambda ctx: destroyed.append(ctx.id))
+        doc.add_root(Div())
+
+    client = DocSyncTestClient(app)
+    with pytest.raises(SessionRefused, match="refused the WebSocket") as info:
+        client.open("/hooks")
+    assert info.value.status == 403
+    assert info.value.response.status_code == 403
+    assert "/docsync/hooks/ws" in str(info.value)
+    assert len(destroyed) == 1
+    assert app.extensions["docsync"].session_count() == 0
+    assert client.sessions == []
+
+
+def test_login_required_guards_the_page_and_the_websocket(make_app):
+    seen = []
+
+    def login_required(view):
+        @functools.wraps(view)
+        def wrapper(*args, **kwargs):
+            seen.append((request.path, session.get("user")))
+            if "user" not in session:
+                return redirect("/login")
+            return view(*args, **kwargs)
+
+        return wrapper
+
+    app, _ = make_app(decorators=[login_required])
+    _add_login(app)
+    with app.test_client() as http:
+        client = DocSyncTestClient(app, flask_test_client=http)
+        with pytest.raises(SessionRefused, match="redirected to /login") as info:
+            client.open("/sliders")
+        assert info.value.status == 302
+        http.post("/login", data={"user": "bob"})
+        with client.open("/sliders") as s:
+            s.set("slider", "value", 9)
+            assert s.model("result").text == "value=9"
+        # The flask client's cookies went with the upgrade request too.
+        assert seen == [("/docsync/sliders", None), ("/docsync/sliders", "bob"), ("/docsync/sliders/ws", "bob")]
+    assert app.extensions["docsync"].session_count() == 0
+
+
+def test_origin_check_of_the_websocket_view_runs(make_app):
+    app, _ = make_app(allow_websocket_origin=["other.example"])
+    client = DocSyncTestClient(app)
+    # A page of a host the server does not trust may be a DNS-rebinding page.
+    with pytest.raises(SessionRefused, match="Origin 'http://app.example'") as info:
+        client.open("/sliders", headers={"Host": "app.example"})
+    assert info.value.status == 403
+    assert app.extensions["docsync"].session_count() == 0
+    with client.open("/sliders") as s:  # localhost: a loopback name, trusted
+        assert s.server_session.connection_count == 1
+
+    app, _ = make_app(allow_websocket_origin=["app.example"])
+    with DocSyncTestClient(app).open("/sliders", headers={"Host": "app.example"}) as s:
+        assert s.server_session.document.session_context.request.headers["Host"] == "app.example"
+
+
+def test_the_upgrade_request_goes_through_the_ws_view(make_app):
+    calls = []
+
+    def authorize(route):
+        protocols = request.headers.get("Sec-WebSocket-Protocol", "")
+        calls.append((route, request.path, protocols.split(",")[0], ENVIRON_KEY in request.environ))
+        return "ann"
+
+    app, _ = make_app(authorize=authorize)
+    finished = []
+
+    @app.after_request
+    def record(response):
+        finished.append((request.path, response.status_code))
+        return response
+
+    with DocSyncTestClient(app).open("/sliders") as s:
+        assert s.server_session.connection_count == 1
+        assert calls == [
+            ("/sliders", "/docsync/sliders", "", False),
+            ("/sliders", "/docsync/sliders/ws", "bokeh", True),
+        ]
+        assert finished == [("/docsync/sliders", 200)]  # the view serves the connection
+    # Closing ends the view, with the 101 of an injected transport.
+    assert finished == [("/docsync/sliders", 200), ("/docsync/sliders/ws", 101)]
+
+
+def test_sessions_other_greenlets_create_meanwhile_stay_on_real_time(make_app):
+    app, docsync = make_app()
+    other = {}
+
+    @docsync.app("/spawner")
+    def spawner(doc):
+        # Another visitor's request, on another greenlet, while the test
+        # client's page request creates this session.
+        def elsewhere():
+            other["status"] = app.test_client().get("/docsync/streaming").status_code
+
+        gevent.spawn(elsewhere).join()
+        doc.add_root(Div(name="d"))
+
+    server = app.extensions["docsync"]
+    client = DocSyncTestClient(app)
+    with client.open("/spawner") as s:
+        assert other["status"] == 200
+        [real] = server.get_context("/streaming").sessions
+        assert real.scheduler.clock is REAL_CLOCK
+        assert isinstance(s.server_session.scheduler.clock, VirtualClock)
+        assert client.sessions == [s]
+    server.get_context("/streaming").discard_session(real)
+
+
+def test_a_next_tick_callback_added_from_another_thread_waits_for_run_callbacks(make_app):
+    app, docsync = make_app()
+
+    @docsync.app("/threads")
+    def threads(doc):
+        doc.add_root(Div(text="", name="out"))
+
+    with DocSyncTestClient(app).open("/threads") as s:
+        doc, div = s.document, s.model("out")
+        thread = gevent.monkey.get_original("threading", "Thread")(
+            target=lambda: doc.add_next_tick_callback(lambda: setattr(div, "text", "from a thread"))
+        )
+        thread.start()
+        thread.join()
+        gevent.sleep(0.05)  # the add reaches the hub's thread; the callback does not run
+        assert len(s.scheduler) == 1 and div.text == ""
+        assert s.run_callbacks() == 1
+        assert s.browser_model("out").text == "from a thread"
