@@ -1266,3 +1266,263 @@ class GeventWebSocketBackend(WebSocket):
             server="geventwebsocket",
             rfile=rfile,
         )
+
+
+# --------------------------------------------------------------------------
+# Evaluation only: the same WebSocket on wsproto's sans-IO frame layer.
+# DOCSYNC_FRAMING=wsproto selects it at import; the socket discovery,
+# handshake, gevent I/O, write lock, whole-message writes, yield budget,
+# abort and buffered bytes above stay ours.
+
+import io as _io
+import os as _os
+
+FRAMING = _os.environ.get("DOCSYNC_FRAMING", "own")
+
+if FRAMING == "wsproto":
+    from wsproto.frame_protocol import (
+        FrameDecoder as _WsFrameDecoder,
+        FrameProtocol as _WsFrameProtocol,
+        Opcode as _WsOpcode,
+        ParseFailed as _WsParseFailed,
+    )
+
+    _WS_TEXT = _WsOpcode.TEXT
+    _WS_BINARY = _WsOpcode.BINARY
+    _WS_CONTINUATION = _WsOpcode.CONTINUATION
+    _WS_PING = _WsOpcode.PING
+    _WS_PONG = _WsOpcode.PONG
+    _WS_CLOSE = _WsOpcode.CLOSE
+
+    class _LimitedDecoder(_WsFrameDecoder):
+        """wsproto's frame decoder with our message size limit, checked
+        from each frame header before its payload is read. wsproto has no
+        limit of its own, and no public hook that sees the header before
+        the payload except an extension, which costs two payload copies
+        per frame; this overrides the per-header extension check.
+        """
+
+        def __init__(self, max_message_size: int | None) -> None:
+            super().__init__(client=False, extensions=[])
+            self.max_message_size = max_message_size
+            self.message_size = 0
+
+        def extension_processing(self, opcode, rsv, payload_len):  # type: ignore[override]
+            if opcode < 8 and self.max_message_size is not None:
+                size = payload_len if opcode else self.message_size + payload_len
+                if size > self.max_message_size:
+                    raise _WsParseFailed(
+                        f"message over the limit of {self.max_message_size} bytes",
+                        MESSAGE_TOO_BIG,  # type: ignore[arg-type]
+                    )
+                self.message_size = size
+            if rsv[0] or rsv[1] or rsv[2]:
+                raise _WsParseFailed("Reserved bit set unexpectedly")
+
+    def _ws_init(self: WebSocket, environ, sock, *, subprotocol=None,
+                 max_message_size=20 * 1024 * 1024, buffered=b"", server="pywsgi", rfile=None) -> None:
+        _own_init(self, environ, sock, subprotocol=subprotocol, max_message_size=max_message_size,
+                  buffered=b"", server=server, rfile=rfile)
+        proto = _WsFrameProtocol(client=False, extensions=[])
+        proto._frame_decoder = self._decoder = _LimitedDecoder(max_message_size)
+        self._proto = proto
+        if buffered:
+            proto.receive_bytes(buffered)
+        # The message being reassembled: its opcode, and its parts so far.
+        self._ws_opcode = None
+        self._ws_parts: t.Any = None
+
+    def _ws_buffered(self: WebSocket) -> bool:
+        return len(self._decoder.buffer) > 0
+
+    def _ws_next(self: WebSocket, deadline: float | None) -> t.Any:
+        """The next wsproto frame (a whole control frame, or part of a data
+        frame), or ``None`` on timeout. Raises :exc:`_Fail` or :exc:`_Gone`.
+        """
+        proto = self._proto
+        while True:
+            try:
+                for frame in proto.received_frames():
+                    return frame
+            except _WsParseFailed as exc:
+                raise _Fail(int(exc.code), str(exc)) from None
+            if self._shut:
+                raise _Gone("the connection was shut down")
+            data = self._recv(_READ_SIZE, deadline)
+            if data is None:
+                return None
+            proto.receive_bytes(data)
+
+    def _ws_receive(self: WebSocket, timeout: float | None = None) -> str | bytes | None:
+        if self.closed:
+            raise ConnectionClosed(self.close_code or ABNORMAL, self.close_reason or "")
+
+        current = gevent.getcurrent()
+        if self._reader is not None and self._reader is not current:
+            raise RuntimeError(
+                "receive() is already waiting in another greenlet; only one"
+                " greenlet at a time may read a WebSocket."
+            )
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._reader = current
+        try:
+            while True:
+                frame = self._ws_next(deadline)
+                if frame is None:
+                    if self.closed:
+                        raise ConnectionClosed(
+                            self.close_code or ABNORMAL, self.close_reason or ""
+                        )
+                    return None
+
+                opcode, payload, frame_finished, message_finished = frame
+                if frame_finished:
+                    self._turn_frames += 1
+                self._turn_bytes += len(payload)
+                if self._turn_frames >= _YIELD_FRAMES or self._turn_bytes >= _YIELD_BYTES:
+                    self._turn_frames = self._turn_bytes = 0
+                    gevent.sleep(0)
+
+                if self.closed:
+                    if opcode is _WS_CLOSE:
+                        self._shutdown()
+                        raise ConnectionClosed(
+                            self.close_code or ABNORMAL, self.close_reason or ""
+                        )
+                    continue
+
+                if opcode is _WS_PING:
+                    self._write_control(_OP_PONG, payload)
+                    continue
+                if opcode is _WS_PONG:
+                    self.last_pong = time.monotonic()
+                    continue
+                if opcode is _WS_CLOSE:
+                    code, reason = payload
+                    code = int(code)
+                    self.closed = True
+                    self.close_code = code
+                    self.close_reason = reason
+                    self._send_close_frame(NORMAL if code == NO_STATUS else code, "")
+                    self._shutdown()
+                    raise ConnectionClosed(code, reason)
+
+                # A data frame, or part of one: wsproto reports the
+                # message's opcode on every part and decodes text itself.
+                parts = self._ws_parts
+                if parts is None:
+                    if message_finished:
+                        self._decoder.message_size = 0
+                        return payload
+                    if opcode is _WS_TEXT:
+                        parts = _io.StringIO()
+                        parts.write(payload)
+                    else:
+                        parts = bytearray(payload)
+                    self._ws_parts = parts
+                elif opcode is _WS_TEXT:
+                    parts.write(payload)
+                else:
+                    parts += payload
+                if message_finished:
+                    self._ws_parts = None
+                    self._decoder.message_size = 0
+                    return parts.getvalue() if opcode is _WS_TEXT else bytes(parts)
+        except _Fail as exc:
+            self._fail(exc.code, exc.reason)
+        except _Gone as exc:
+            self._lost(str(exc))
+        finally:
+            self._reader = None
+
+    def _ws_drain(self: WebSocket, deadline: float) -> None:
+        self._reader = gevent.getcurrent()
+        try:
+            while True:
+                frame = self._ws_next(deadline)
+                if frame is None or frame[0] is _WS_CLOSE:
+                    return
+        except (_Fail, _Gone):
+            return
+        finally:
+            self._reader = None
+
+    def _ws_frame(self: WebSocket, opcode: int, payload: t.Any) -> bytes | bytearray:
+        proto = self._proto
+        if opcode == _OP_PING:
+            return proto.ping(payload)
+        if opcode == _OP_PONG:
+            return proto.pong(payload)
+        return proto.send_data(payload)
+
+    def _ws_write_control(self: WebSocket, opcode: int, payload: bytes) -> None:
+        frame = _ws_frame(self, opcode, payload)
+        with self._write_lock:
+            if self.closed:
+                return
+            self._sendall_locked((frame,))
+
+    def _ws_send_many(self: WebSocket, messages: t.Iterable[str | bytes]) -> None:
+        chunks: list[t.Any] = []
+        small: list[t.Any] = []
+        send_data = self._proto.send_data
+        for message in messages:
+            if not isinstance(message, (str, bytes, bytearray, memoryview)):
+                raise TypeError(
+                    "A WebSocket message must be str (text) or bytes (binary),"
+                    f" not {type(message).__name__}."
+                )
+            frame = send_data(message)
+            if len(frame) <= _JOIN_LIMIT:
+                small.append(frame)
+            else:
+                if small:
+                    chunks.append(b"".join(small))
+                    small = []
+                chunks.append(frame)
+        if small:
+            chunks.append(b"".join(small))
+
+        with self._write_lock:
+            if self.closed:
+                raise ConnectionClosed(self.close_code or ABNORMAL, self.close_reason or "")
+            self._sendall_locked(chunks)
+
+    def _ws_ping(self: WebSocket, payload: bytes = b"") -> None:
+        payload = bytes(payload)
+        if len(payload) > 125:
+            raise ValueError("A ping payload is limited to 125 bytes.")
+        frame = self._proto.ping(payload)
+        with self._write_lock:
+            if self.closed:
+                raise ConnectionClosed(self.close_code or ABNORMAL, self.close_reason or "")
+            self._sendall_locked((frame,))
+
+    def _ws_send_close_frame(self: WebSocket, code: int, reason: str) -> bool:
+        frame = self._proto.close(code, reason)
+        if not self._write_lock.acquire(timeout=self.close_timeout):
+            self.abort()
+            return False
+        try:
+            if self._shut:
+                return False
+            self._sock.sendall(frame)
+            return True
+        except OSError:
+            return False
+        finally:
+            self._write_lock.release()
+
+    _own_init = WebSocket.__init__
+    WebSocket.__init__ = _ws_init  # type: ignore[method-assign]
+    WebSocket.buffered = property(_ws_buffered)  # type: ignore[assignment]
+    WebSocket._ws_next = _ws_next  # type: ignore[attr-defined]
+    WebSocket.receive = _ws_receive  # type: ignore[method-assign]
+    WebSocket._drain = _ws_drain  # type: ignore[method-assign]
+    WebSocket._write_control = _ws_write_control  # type: ignore[method-assign]
+    WebSocket.send_many = _ws_send_many  # type: ignore[method-assign]
+    WebSocket.ping = _ws_ping  # type: ignore[method-assign]
+    WebSocket._send_close_frame = _ws_send_close_frame  # type: ignore[method-assign]
+elif FRAMING != "own":  # pragma: no cover
+    raise ImportError(f"DOCSYNC_FRAMING must be 'own' or 'wsproto', not {FRAMING!r}")
