@@ -8,8 +8,8 @@ with its frame parsing and serialising done by ``wsproto.frame_protocol``
 (feed bytes, take frames; ``send_data``/``ping``/``pong``/``close`` for
 writing) while the buffered-bytes handling, write lock, whole-message
 writes, yield budget and message size limit stay ours. It is the
-implementation that was benchmarked in the servers (README, "WebSocket
-layer"). Both run on a fake socket, so the figures are parsing and
+implementation that was benchmarked in the servers (README, "Why not wsproto
+for the frames"). Both run on a fake socket, so the figures are parsing and
 serialising only:
 
 -   PATCH-DOC in: the 3 masked frames a browser sends (header, metadata,
