@@ -62,7 +62,7 @@ def check_content_depth(message: Message[Any], limit: int = MAX_CONTENT_DEPTH) -
                 stack.append((child, depth + 1))
 
 
-def _run_sync(coro: Any) -> Any:
+def run_sync(coro: Any) -> Any:
     """Run a coroutine that never suspends (``Receiver.consume``)."""
     try:
         coro.send(None)
@@ -158,7 +158,7 @@ class MessageDecoder:
 
     def _consume(self, fragment: str | bytes) -> Message[Any] | None:
         try:
-            return _run_sync(self._receiver.consume(fragment))  # type: ignore[union-attr]
+            return run_sync(self._receiver.consume(fragment))  # type: ignore[union-attr]
         except (MessageError, ProtocolError, ValidationError) as exc:
             raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, f"malformed message: {exc}") from None
         except KeyError as exc:

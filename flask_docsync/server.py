@@ -24,7 +24,7 @@ from .connection import ServerConnection
 from .context import ApplicationContext, RequestData
 from .errors import CloseCode, ConfigurationError, SessionError, TokenError, UnknownApplication
 from . import deploy, monitor, reclaim, signals
-from .scheduler import CallbackScheduler
+from .scheduler import CallbackScheduler, new_session_clock
 from .session import ServerSession, live_sessions
 from .tokens import TokenPolicy
 
@@ -93,8 +93,6 @@ class DocSyncServer:
         # The clock comes from the context creating the session: the test
         # client of flask_docsync.testing sets a virtual one around its own
         # requests (scheduler.session_clock); everything else runs on real time.
-        from .scheduler import new_session_clock
-
         return CallbackScheduler(invoke, name, clock=new_session_clock())
 
     def add_app(self, route: str, target: AppTarget, argv: Sequence[str] = ()) -> ApplicationContext:

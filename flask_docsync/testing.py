@@ -61,17 +61,23 @@ import gevent.event
 import gevent.monkey
 import gevent.queue
 from bokeh.core.serialization import Serializable
+from bokeh.document import Document
+from bokeh.document.events import MessageSentEvent
+from bokeh.events import ButtonClick
+from bokeh.model import Model
+from bokeh.protocol.receiver import Receiver
+from flask.testing import EnvironBuilder
+from werkzeug.test import Client
 
-from . import signals
+from . import compat, signals
 from .apps import normalize_route
 from .errors import ConfigurationError, ConnectionClosed, DocSyncError, SessionError, UnknownApplication
+from .protocol import encode, protocol, run_sync
 from .scheduler import CallbackScheduler, session_clock
 from .transport import ENVIRON_KEY
 
 if TYPE_CHECKING:
-    from bokeh.document import Document
     from bokeh.events import Event
-    from bokeh.model import Model
     from bokeh.server.callbacks import SessionCallback
     from flask import Flask
     from flask.testing import FlaskClient
@@ -544,10 +550,7 @@ class TestSession:
         route: str,
         timeout: float,
     ) -> None:
-        from bokeh.document import Document
-        from bokeh.protocol.receiver import Receiver
 
-        from .protocol import protocol
 
         self._client = client
         self._server_session = server_session
@@ -593,7 +596,6 @@ class TestSession:
             (as a proxy in front of the app would add them); ``None`` adds none.
         :raises SessionRefused: when the view answers anything but ``101``.
         """
-        from .protocol import protocol
 
         client = self._client
         server = client.server
@@ -696,7 +698,6 @@ class TestSession:
         :param model: The button, its name or its id.
         :param check: Raise :exc:`ErrorReply` if the server answers ``ERROR``.
         """
-        from bokeh.events import ButtonClick
 
         return self.trigger(ButtonClick(self.browser_model(model)), check=check)
 
@@ -709,9 +710,7 @@ class TestSession:
 
         :param check: Raise :exc:`ErrorReply` if the server answers ``ERROR``.
         """
-        from bokeh.document.events import MessageSentEvent
 
-        from .protocol import protocol
 
         self._ensure_open()
         self._flush_outgoing(check)
@@ -727,7 +726,6 @@ class TestSession:
 
         :param check: Raise :exc:`ErrorReply` if the server answers ``ERROR``.
         """
-        from .protocol import protocol
 
         self._ensure_open()
         msgid = f"test{next(_msgids)}"
@@ -738,7 +736,6 @@ class TestSession:
 
     def pull(self) -> Document:
         """Pull the whole document again (``PULL-DOC-REQ``), replacing :attr:`browser_document`."""
-        from .protocol import protocol
 
         self._ensure_open()
         self._flush_outgoing(True)
@@ -860,14 +857,13 @@ class TestSession:
 
     def _on_frames(self, frames: list[str | bytes]) -> None:
         # Runs in the connection's writer greenlet, or its reader for a reply; it must never raise.
-        from .protocol import _run_sync
 
         # One write may carry several whole messages, as on a real socket.
         messages = []
         try:
             message = None
             for frame in frames:
-                message = _run_sync(self._receiver.consume(frame))
+                message = run_sync(self._receiver.consume(frame))
                 if message is not None:
                     messages.append(message)
             if message is None:
@@ -898,13 +894,10 @@ class TestSession:
                 self._waiting.pop(reqid).set(received)
 
     def _apply(self, received: ReceivedMessage) -> None:
-        from . import compat
-
         message = received.message
         try:
             with compat.curdoc_guard():
                 if received.msgtype == "PULL-DOC-REPLY":
-                    from bokeh.document import Document
 
                     doc = Document()
                     message.push_to_document(doc)
@@ -935,8 +928,6 @@ class TestSession:
         self._waiting.clear()
 
     def _flush_outgoing(self, check: bool) -> list[ReceivedMessage]:
-        from .protocol import protocol
-
         replies = []
         while self._outgoing:
             event = self._outgoing.pop(0)
@@ -945,7 +936,6 @@ class TestSession:
 
     def _request(self, message: Any, check: bool) -> ReceivedMessage:
         """Send ``message`` through the server's protocol path and wait for its reply."""
-        from .protocol import encode
 
         msgid = message.header["msgid"]
         result = gevent.event.AsyncResult()
@@ -989,8 +979,6 @@ class _WireEvent(Serializable):
     """
 
     def __init__(self, event: Event, browser_model: Callable[[Any], Model]) -> None:
-        from bokeh.model import Model
-
         self.name = event.event_name
         values = {}
         for param in list(inspect.signature(type(event).__init__).parameters)[1:]:
@@ -1006,8 +994,6 @@ class _WireEvent(Serializable):
 
 
 def _find_model(doc: Document, name_or_id: Any, which: str) -> Model:
-    from bokeh.model import Model
-
     if isinstance(name_or_id, Model):
         model = doc.get_model_by_id(name_or_id.id)
         if model is None:
@@ -1233,8 +1219,6 @@ class DocSyncTestClient:
         The greenlet's value is ``(response, None)``, or ``(None, exc)``
         when the request raised.
         """
-        from flask.testing import EnvironBuilder
-        from werkzeug.test import Client
 
         http = self.http
         builder = EnvironBuilder(
