@@ -314,29 +314,6 @@ def test_logged_in_user_is_the_session_request_user(make_app):
             assert s.browser_model("greeting").text == "hello ann"
 
 
-def test_view_decorator_redirect_is_reported(make_app):
-    def login_required(view):
-        def wrapper(*args, **kwargs):
-            if "user" not in session:
-                return redirect("/login")
-            return view(*args, **kwargs)
-
-        wrapper.__name__ = view.__name__
-        return wrapper
-
-    app, _ = make_app(decorators=[login_required])
-    _add_login(app)
-    with app.test_client() as http:
-        client = DocSyncTestClient(app, flask_test_client=http)
-        with pytest.raises(SessionRefused, match="redirected to /login") as info:
-            client.open("/sliders")
-        assert info.value.status == 302
-        http.post("/login", data={"user": "bob"})
-        with client.open("/sliders") as s:
-            s.set("slider", "value", 9)
-            assert s.model("result").text == "value=9"
-
-
 # errors -----------------------------------------------------------------------
 
 def test_patch_to_an_unknown_model_gets_error(make_app):
@@ -522,7 +499,7 @@ def test_view_decorator_refusing_the_websocket_discards_the_page_session(make_ap
     assert client.sessions == []
 
 
-def test_login_required_guards_the_page_and_the_websocket(make_app):
+def test_view_decorator_redirect_is_reported_and_guards_the_websocket(make_app):
     seen = []
 
     def login_required(view):
