@@ -34,12 +34,13 @@ from flask import Blueprint, Flask, Response, abort, current_app, jsonify, redir
 from markupsafe import escape
 from werkzeug.wrappers import Response as BaseResponse
 
-from . import websocket
+from . import handover, routing, websocket
 from .apps import normalize_route
 from .context import RequestData
 from .errors import ConfigurationError, HandshakeError, SessionError, TokenError, UnknownApplication
 from .tokens import origin_refusal
-from .sock import WebSocketDone
+from .sock import HandedOver, WebSocketDone
+from .transport import ENVIRON_KEY
 
 if TYPE_CHECKING:
     from .server import DocSyncServer
@@ -353,6 +354,9 @@ def ws(app_path: str = "") -> Response:
             environ, 403,
             "Expected the subprotocols 'bokeh' and a session token (new WebSocket(url, ['bokeh', token])).",
         )
+    handed = _route_to_home(server, route, protocols[1], environ)
+    if handed is not None:
+        return handed
     try:
         session = server.session_for_token(route, protocols[1], request_data(user))
     except TokenError as exc:
@@ -375,6 +379,50 @@ def ws(app_path: str = "") -> Response:
     finally:
         session.unblock_expiration()
     return WebSocketDone(conn)
+
+
+#: What a handed-over request keeps of the WSGI environ: the CGI variables
+#: and the HTTP headers, the rest belongs to the process that read it.
+_HANDOVER_KEYS = ("REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "SERVER_NAME", "SERVER_PORT",
+                  "SERVER_PROTOCOL", "REMOTE_ADDR", "REMOTE_PORT", "wsgi.url_scheme", "CONTENT_TYPE",
+                  "CONTENT_LENGTH")
+
+
+def _route_to_home(server: DocSyncServer, route: str, token: str, environ: Any) -> Response | None:
+    """Hand the WebSocket to the worker that holds its session; ``None`` serves it here.
+
+    The token's signature is checked first: the owner's tag is trusted only
+    under it. A session this worker already holds is served here.
+    """
+    if "wsgi.websocket" in environ or ENVIRON_KEY in environ:
+        return None
+    server.start()  # a worker that has made no session yet still routes
+    if not server.router.active:
+        return None
+    try:
+        session_id, _ = server.tokens.decode(token)
+    except TokenError:
+        return None  # refused by the usual path, with its reason
+    if not server.router.owner_elsewhere(session_id) or server.has_session(route, session_id):
+        return None
+    try:
+        detached = websocket.Detached(environ)
+    except HandshakeError:
+        return None
+    head = {key: environ[key] for key in _HANDOVER_KEYS if isinstance(environ.get(key), str)}
+    head.update({key: value for key, value in environ.items() if key.startswith("HTTP_") and isinstance(value, str)})
+    secret = server.settings.secret_key_bytes or b""
+    try:
+        outcome = server.router.deliver(
+            session_id, lambda address: handover.hand_over(address, secret, detached.sock, head, detached.buffered)
+        )
+    except handover.HandOverFailed as exc:
+        server.router.figures["handover_failed"] += 1
+        return _refuse_ws(environ, 503, f"The worker holding this session did not take the connection ({exc}); retry.")
+    if outcome is not routing.Outcome.HANDED:
+        return None
+    log.debug("WebSocket %s handed to the worker holding session %s", request.path, session_id)
+    return HandedOver(detached)
 
 
 def _refuse_ws(environ: Any, status: int, reason: str) -> Response:

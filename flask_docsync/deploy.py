@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import inspect
 import logging
+import os
 import signal
 import sys
 import weakref
@@ -25,7 +26,14 @@ _STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT")
 
 
 def gunicorn_worker() -> Any | None:
-    """The gunicorn worker running this process, or ``None`` outside one."""
+    """The gunicorn worker running this process, or ``None`` outside one.
+
+    Remembered once found: :func:`on_stop_signal` replaces the handler it is
+    found by.
+    """
+    found = _found_worker.get(os.getpid())
+    if found is not None:
+        return found
     if "gunicorn" not in sys.modules:
         return None
     try:
@@ -34,7 +42,14 @@ def gunicorn_worker() -> Any | None:
         return None
     handler = signal.getsignal(signal.SIGTERM)
     owner = getattr(handler, "__self__", None)
-    return owner if isinstance(owner, Worker) else None
+    if not isinstance(owner, Worker):
+        return None
+    _found_worker.clear()
+    _found_worker[os.getpid()] = owner
+    return owner
+
+
+_found_worker: dict[int, Any] = {}
 
 
 def worker_count() -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import io
 import os
+import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 from flask import Flask, current_app, has_app_context, request
 from werkzeug.exceptions import SecurityError
 
-from . import deploy, embed
+from . import deploy, embed, websocket
 from .apps import AppTarget, normalize_route, route_for_path
 from .blueprint import add_index_rule, create_session, make_blueprint
 from .commands import docsync_cli
@@ -108,6 +110,7 @@ class DocSync:
             raise ConfigurationError(" ".join(problems))
         server = DocSyncServer(settings, app_scope=_make_app_scope(app))
         server.authorize = self._authorize
+        server.serve_handed_over = functools.partial(_serve_handed_over, weakref.ref(app))
         for route, (target, argv) in self._registrations.items():
             # Loaded now, so a broken script fails at start-up instead of
             # on the first page view.
@@ -288,3 +291,46 @@ def _make_app_scope(app: Flask) -> Callable[[RequestData | None], Any]:
         return ctx
 
     return scope
+
+
+def _serve_handed_over(app_ref: weakref.ReferenceType[Flask], head: dict[str, Any], client: Any, buffered: bytes) -> None:
+    """Serve a WebSocket upgrade another worker handed over, as if this worker had accepted it.
+
+    The request runs through the Flask app again, view decorators, the
+    ``authorize`` hook and every check included (the process-level WSGI
+    middleware already ran in the worker that read the request). What the
+    view answers other than the upgrade is written to the client as an HTTP
+    response that closes the connection.
+    """
+    app = app_ref()
+    if app is None:
+        return
+    environ: dict[str, Any] = dict(head)
+    environ.update({
+        "wsgi.version": (1, 0), "wsgi.input": io.BytesIO(b""), "wsgi.errors": sys.stderr,
+        "wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": False,
+        websocket.HANDOVER_KEY: (client, buffered),
+    })
+    environ.setdefault("wsgi.url_scheme", "http")
+    started: list[Any] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        started[:] = [status, headers]
+        return lambda data: None
+
+    body = Flask.wsgi_app(app, environ, start_response)
+    try:
+        chunks = b"".join(body)
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+    if not started or started[0].startswith("101"):
+        return  # the WebSocket was served and is finished
+    status, headers = started
+    lines = [f"HTTP/1.1 {status}"] + [f"{k}: {v}" for k, v in headers if k.lower() not in ("connection", "content-length")]
+    lines += [f"Content-Length: {len(chunks)}", "Connection: close"]
+    try:
+        client.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + chunks)
+    except OSError:
+        pass

@@ -23,10 +23,10 @@ from .config import Settings
 from .connection import ServerConnection
 from .context import ApplicationContext, RequestData
 from .errors import CloseCode, ConfigurationError, SessionError, TokenError, UnknownApplication
-from . import deploy, monitor, reclaim, signals
+from . import deploy, monitor, reclaim, routing, signals
 from .scheduler import CallbackScheduler, new_session_clock
 from .session import ServerSession, live_sessions
-from .tokens import TokenPolicy
+from .tokens import TokenPolicy, owner_tag
 
 log = logging.getLogger(__name__)
 #: Periodic figures (DEBUG), like bokeh serve's --stats-log-frequency lines.
@@ -74,6 +74,11 @@ class DocSyncServer:
         #: Returns the memory of discarded sessions to the system (see
         #: :mod:`flask_docsync.reclaim`); the cleanup loop calls it.
         self.reclaimer = reclaim.Reclaimer(lambda: len(live_sessions()), enabled=settings.reclaim_memory)
+        #: ``serve(head, client_socket, buffered)`` for connections other
+        #: workers hand over; the Flask adapter sets it (it runs the app).
+        self.serve_handed_over: Callable[[dict[str, Any], Any, bytes], None] | None = None
+        #: Which worker is the home of each session (see :mod:`flask_docsync.routing`).
+        self.router = routing.Router(settings.secret_key_bytes if settings.signed else None, self._serve_handed_over)
         self._started = False
         self._stopping = False
         self._stop_hooked = False
@@ -148,6 +153,9 @@ class DocSyncServer:
         if not self._stop_hooked:
             self._stop_hooked = deploy.on_stop_signal(self._stop_on_signal)
         monitor.enable(self.settings.blocking_warning_ms)
+        # Sessions get a home only where there are sibling workers to send
+        # their connections elsewhere: a gunicorn worker with siblings.
+        self.router.start(active=deploy.worker_count() > 1)
         for context in self.contexts.values():
             context.run_load_hook()
         self.reclaimer.start()
@@ -171,6 +179,8 @@ class DocSyncServer:
         if not self._started or self._stopping:
             return
         self._stopping = True
+        # First, so that the browsers' reconnects find this worker gone.
+        self.router.stop()
         for greenlet in self._greenlets:
             greenlet.kill(block=False)
         gevent.joinall(self._greenlets, timeout=5)
@@ -218,7 +228,7 @@ class DocSyncServer:
                 raise SessionError(
                     403, "No bokeh-session-id provided: this server only joins externally signed session ids."
                 )
-            session_id = policy.new_session_id()
+            session_id = policy.new_session_id(owner=self.router.tag)
         else:
             policy.check_session_id(session_id)
         token = policy.make_token(
@@ -246,14 +256,20 @@ class DocSyncServer:
                 # A reconnect must come back as the user the session was made for.
                 raise TokenError("This session belongs to another user.")
             return session
+        tag = owner_tag(session_id) if self.tokens.signed else None
+        # Made by a worker that is gone (a killed or restarted one, or an
+        # earlier process): only the heir gets here with such an id (see
+        # routing). Made here, or not made by any worker: discarded
+        # normally, or never existed.
+        owner_gone = tag is not None and tag != self.router.tag
         try:
             self.tokens.check_expiry(payload)
         except TokenError:
-            if not self.settings.recreates_expired_sessions:
+            if not self.settings.recreates_expired_sessions or (tag is not None and not owner_gone):
                 raise
-            # The session is gone (a restarted or different worker) and the
-            # browser is reconnecting with its page's token: a fresh session
-            # beats a dead page. The signature proves the token is ours.
+            # The browser is reconnecting with its page's token to a session
+            # whose worker is gone: a fresh session beats a dead page. The
+            # signature proves the token is ours.
             log.info("App %s: recreating session %s from an expired token", route, session_id)
         if not session_id:
             raise TokenError("The session token names no session.")
@@ -274,6 +290,12 @@ class DocSyncServer:
         self.start()
         return context.create_session_if_needed(session_id, request, token, payload)
 
+    def _serve_handed_over(self, head: dict[str, Any], client: Any, buffered: bytes) -> None:
+        if self.serve_handed_over is None:
+            log.warning("A connection was handed over, but nothing serves them in this process; closing it")
+            return
+        self.serve_handed_over(head, client, buffered)
+
     def serve_connection(self, ws: Any, session: ServerSession) -> None:
         """Serve an accepted WebSocket until it closes."""
         settings = self.settings
@@ -285,6 +307,11 @@ class DocSyncServer:
             connection.run()
         finally:
             self.connections.discard(connection)
+
+    def has_session(self, route: str, session_id: str) -> bool:
+        """Whether this process holds the live session ``session_id`` of ``route``."""
+        context = self.contexts.get(route)
+        return context is not None and context.get_session(session_id) is not None
 
     def session_count(self) -> int:
         return sum(len(c.sessions) for c in self.contexts.values())
@@ -319,6 +346,7 @@ class DocSyncServer:
                 key: sum(a["callback_runs"][key] for a in apps.values()) for key in ("runs", "errors", "seconds")
             },
             "reclaim": dict(self.reclaimer.figures),
+            "routing": self.router.stats(),
             "apps": apps,
         }
 

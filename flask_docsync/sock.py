@@ -47,6 +47,17 @@ class WebSocketDone(Response):
         return super().__call__(environ, start_response)
 
 
+class HandedOver(Response):
+    """Ends a WSGI request whose connection another worker now serves."""
+
+    def __init__(self, detached: websocket.Detached) -> None:
+        super().__init__(status=101)
+        self._detached = detached
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:  # type: ignore[override]
+        return self._detached.release()
+
+
 def bokeh_app_protocol(path: str) -> str | None:
     """gevent-websocket asks the WSGI app which subprotocol to select."""
     return "bokeh" if path.rstrip("/").endswith("/ws") else None

@@ -21,6 +21,8 @@ from bokeh.util.token import (
     _TOKEN_ZLIB_KEY,
     _base64_decode,
     _BytesDecoder,
+    _get_random_string,
+    _signature,
     check_session_id_signature,
     check_token_signature,
     generate_jwt_token,
@@ -33,6 +35,22 @@ from .config import TOKEN_SIZE_WARNING, Settings
 from .errors import TokenError
 
 log = logging.getLogger(__name__)
+
+#: Separates the random part of a session id from its owner's tag. Not in
+#: Bokeh's alphabet for the random part, and not a ``.``, which separates
+#: the signature.
+OWNER_SEPARATOR = "-"
+
+
+def owner_tag(session_id: str) -> str | None:
+    """The owner tag written into a session id by :meth:`TokenPolicy.new_session_id`; ``None`` if it has none.
+
+    Only meaningful for an id whose signature has been checked.
+    """
+    base = session_id.partition(".")[0]
+    random_part, sep, tag = base.rpartition(OWNER_SEPARATOR)
+    return tag if sep and random_part and tag.isalnum() else None
+
 
 #: Largest inflated token payload accepted. Real tokens carry query
 #: arguments and selected headers, and travel in an HTTP header that
@@ -66,8 +84,18 @@ class TokenPolicy:
     def signed(self) -> bool:
         return self._signed
 
-    def new_session_id(self) -> str:
-        return generate_session_id(secret_key=self._secret, signed=self._signed)
+    def new_session_id(self, owner: str | None = None) -> str:
+        """A new random session id, signed when signing is on.
+
+        :param owner: The tag of the worker that will hold the session,
+            written into the signed part of the id (``<random>-<tag>.<signature>``)
+            so that any worker can tell where the session lives and no client
+            can change it. ``None``, or without signing, gives Bokeh's plain id.
+        """
+        if owner is None or not self._signed:
+            return generate_session_id(secret_key=self._secret, signed=self._signed)
+        base = f"{_get_random_string(secret_key=self._secret)}{OWNER_SEPARATOR}{owner}"
+        return f"{base}.{_signature(base, self._secret)}"
 
     def check_session_id(self, session_id: str) -> None:
         """Refuse an id a client brought that this server did not sign."""

@@ -40,6 +40,7 @@ import gevent
 import gevent.lock
 import gevent.socket
 
+from . import handover
 from .errors import CloseCode, ConnectionClosed, HandshakeError, MessageTooBig
 from .transport import ENVIRON_KEY, Transport
 
@@ -307,8 +308,32 @@ def _take_gunicorn_buffered(wsgi_input: t.Any) -> bytes:
     return data
 
 
+#: WSGI environ key of a connection another worker handed over to this one:
+#: ``(socket, bytes read past the request head)`` (see
+#: :mod:`flask_docsync.handover`).
+HANDOVER_KEY = "flask_docsync.handover"
+#: WSGI environ key of the bytes past the request head that
+#: :class:`Detached` has taken from the server's reader already.
+_BUFFERED_KEY = "flask_docsync.buffered"
+
+
+def _take_all_buffered(environ: t.Mapping[str, t.Any], sock: t.Any, rfile: t.Any, server: str) -> bytes:
+    """The bytes read from the client past the request head, taken from wherever they wait."""
+    if _BUFFERED_KEY in environ:
+        return environ[_BUFFERED_KEY]  # type: ignore[no-any-return]
+    if server == "handover":
+        return environ[HANDOVER_KEY][1]  # type: ignore[no-any-return]
+    if server == "gunicorn":
+        return _take_gunicorn_buffered(environ.get("wsgi.input"))
+    return _take_buffered(rfile, sock)
+
+
 def _find_socket(environ: t.Mapping[str, t.Any]) -> tuple[t.Any, t.Any, str]:
     """Return ``(socket, buffered reader or None, server kind)``."""
+    handed = environ.get(HANDOVER_KEY)
+    if handed is not None:
+        return handed[0], None, "handover"
+
     sock = environ.get("gunicorn.socket")
     if sock is not None:
         return sock, None, "gunicorn"
@@ -496,10 +521,7 @@ class WebSocket:
                 " gevent.monkey.patch_all() before the server starts.",
             )
 
-        if server == "gunicorn":
-            buffered = _take_gunicorn_buffered(environ.get("wsgi.input"))
-        else:
-            buffered = _take_buffered(rfile, sock)
+        buffered = _take_all_buffered(environ, sock, rfile, server)
 
         try:
             # Frames are already batched per send_many() call; Nagle's
@@ -1094,12 +1116,58 @@ class WebSocket:
         if self._server == "werkzeug":
             return _werkzeug_dropped()
 
+        if self._server == "handover":
+            return []
+
         if self._server == "pywsgi" and self._rfile is not None:
             try:
                 self._rfile.close()
             except (OSError, ValueError):
                 pass
 
+        return []
+
+
+class Detached:
+    """The client socket of an upgrade request, for handing it to another process.
+
+    Made after :func:`validate_upgrade`; it takes the bytes already read past
+    the request head (:attr:`buffered`). If the connection is served here
+    after all, :meth:`WebSocket.accept` finds those bytes again.
+
+    :raises HandshakeError: when gevent-websocket has already answered the
+        handshake (the connection can no longer be passed on), or the socket
+        cannot be found.
+    """
+
+    def __init__(self, environ: dict[str, t.Any]) -> None:
+        if "wsgi.websocket" in environ:
+            raise HandshakeError(500, "gevent-websocket has answered the handshake already")
+        self._environ = environ
+        self.sock, self._rfile, self._server = _find_socket(environ)
+        self.buffered = _take_all_buffered(environ, self.sock, self._rfile, self._server)
+        environ[_BUFFERED_KEY] = self.buffered
+
+    def release(self) -> t.Any:
+        """Forget the socket that another process now serves; return what ends the WSGI request.
+
+        See :meth:`WebSocket.wsgi_response` for what each server needs; every
+        read of the descriptor here now sees end of file.
+        """
+        handover.forget(self.sock)
+        if self._server == "gunicorn":
+            try:
+                from gunicorn.workers.base_async import ALREADY_HANDLED
+            except ImportError:  # pragma: no cover - gunicorn set gunicorn.socket
+                return []
+            return ALREADY_HANDLED
+        if self._server == "werkzeug":
+            return _werkzeug_dropped()
+        if self._server == "pywsgi" and self._rfile is not None:
+            try:
+                self._rfile.close()
+            except (OSError, ValueError):
+                pass
         return []
 
 
