@@ -69,7 +69,12 @@ class Router:
         self._listeners: dict[bytes, handover.Listener] = {}
         #: Whether connections are routed between workers; see :meth:`start`.
         self.active = False
-        self.figures = {"handed_over": 0, "handover_failed": 0, "adopted": 0}
+        #: ``attached``: WebSockets that found their session alive here (a
+        #: page's first one, or a reconnect); ``handed_over``: sent to the
+        #: worker holding their session; ``handover_failed``: a live owner
+        #: did not take them (refused 503); ``adopted``: headed for a session
+        #: made anew here because its worker is gone.
+        self.figures = {"attached": 0, "handed_over": 0, "handover_failed": 0, "adopted": 0}
 
     @property
     def tag(self) -> str:
@@ -92,7 +97,6 @@ class Router:
     def start(self, active: bool) -> None:
         """Listen for hand-overs when ``active`` (and the system supports them)."""
         if not active or not self._secret or not handover.SUPPORTED:
-            log.debug("Routing off (siblings %s, secret %s, supported %s)", active, bool(self._secret), handover.SUPPORTED)
             self.active = False
             return
         self.active = True

@@ -251,6 +251,7 @@ class DocSyncServer:
         session_id, payload = self.tokens.decode(token)
         session = context.get_session(session_id)
         if session is not None and not session.destroyed:
+            self.router.figures["attached"] += 1
             owner = context.session_user(session_id)
             if self.authorize is not None and owner != live_request.user:
                 # A reconnect must come back as the user the session was made for.
@@ -376,6 +377,13 @@ class DocSyncServer:
         for route, app in s["apps"].items():
             stats_log.debug("[pid %d] %s has %d sessions with %d unused", s["pid"], route,
                             app["sessions"], app["unused"])
+        r = s["routing"]
+        if r["active"]:
+            stats_log.debug(
+                "[pid %d] worker %s: %d WebSockets attached to live sessions, %d handed to other workers,"
+                " %d taken from them, %d sessions made anew for gone workers", s["pid"], r["tag"],
+                r["attached"], r["handed_over"], r["received"], r["adopted"],
+            )
 
     def _keepalive(self) -> None:
         for connection in list(self.connections):
