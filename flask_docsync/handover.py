@@ -110,12 +110,31 @@ def hand_over(
         reply = conn.recv(512)
     except OwnerGone:
         raise
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        # The owner went away in the middle (killed while this ran): without
+        # its OK the socket is still only this process's. Gone for good if
+        # nobody listens at the address any more.
+        if not _listening(address):
+            raise OwnerGone() from None
+        raise HandOverFailed(f"the owner dropped the hand-over: {exc!r}") from None
     except (OSError, socket.timeout) as exc:
         raise HandOverFailed(f"the owner did not answer: {exc!r}") from None
     finally:
         conn.close()
     if reply != b"OK":
         raise HandOverFailed(reply.decode("utf-8", "replace") or "the owner closed the connection")
+
+
+def _listening(address: bytes) -> bool:
+    probe = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(address)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def forget(client: Any) -> None:

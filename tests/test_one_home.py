@@ -20,6 +20,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -429,3 +430,52 @@ def test_expired_token_for_a_discarded_session_is_refused(home):
     # Other sessions are still served.
     _, _, client, _ = open_page(server)
     client.close()
+
+
+#: Pages opened before one worker is killed; about a quarter are its sessions.
+STAMPEDE_PAGES = 240
+
+
+@pytest.mark.timeout(150)
+def test_a_dead_workers_sessions_reconnect_at_once_each_made_anew_once(home):
+    server = home()
+    pages = []
+    for _ in range(STAMPEDE_PAGES):
+        token, session_id, client, (pid, _, _) = open_page(server)
+        client.close()
+        pages.append((token, session_id, pid))
+    by_pid: dict[int, list[tuple[str, str]]] = {}
+    for token, session_id, pid in pages:
+        by_pid.setdefault(pid, []).append((token, session_id))
+    victim, orphans = max(by_pid.items(), key=lambda item: len(item[1]))
+    others = [(token, sid, pid) for token, sid, pid in pages if pid != victim][:20]
+    before = len(server.created())
+    os.kill(victim, signal.SIGKILL)
+
+    results: dict[str, object] = {}
+
+    def reconnect(token: str, session_id: str) -> None:
+        try:
+            with connect(server, token) as client:
+                results[session_id] = state(client.handshake())
+        except Exception as exc:  # recorded, asserted below
+            results[session_id] = exc
+
+    threads = [threading.Thread(target=reconnect, args=orphan) for orphan in orphans]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    failed = {sid: r for sid, r in results.items() if isinstance(r, Exception)}
+    assert len(results) == len(orphans) and not failed, f"{len(failed)} of {len(orphans)} failed: {list(failed.values())[:3]}"
+    new_pids = {r[0] for r in results.values()}
+    assert victim not in new_pids and all(r[2] == INITIAL_VALUE for r in results.values())
+    made = [sid for _, sid in server.created()[before:]]
+    assert sorted(made) == sorted(sid for _, sid in orphans), "each orphan is made anew exactly once"
+    assert len(new_pids) > 1, f"all {len(orphans)} re-created on one worker: {new_pids}"
+    # The other workers' sessions were not disturbed: they reattach as they were.
+    for token, session_id, pid in others:
+        with connect(server, token) as client:
+            assert state(client.handshake())[0] == pid
+    assert len(server.created()) == before + len(orphans)
+    assert "Traceback" not in server.server.log()
