@@ -16,7 +16,10 @@ Private names used, each checked on both supported Bokeh releases by
 ``DocumentCallbackManager._session_callbacks``,
 ``DirectoryHandler._lifecycle_handler`` and ``LifecycleHandler``'s
 ``_on_session_created``/``_on_session_destroyed``. The protocol's
-``Protocol._messages`` is read by :mod:`flask_docsync.protocol`.
+``Protocol._messages`` is read by :mod:`flask_docsync.protocol`, and
+``bokeh.util.token``'s ``_signature``, ``_get_random_string``,
+``_base64_decode``, ``_BytesDecoder`` and ``_TOKEN_ZLIB_KEY`` by
+:mod:`flask_docsync.tokens`.
 """
 
 from __future__ import annotations

@@ -151,3 +151,13 @@ def test_no_os_thread_sees_a_swapped_gc_module_during_a_discard(monkeypatch, tmp
     monkeypatch.setattr(Div, "destroy", destroy_and_look)
     context.discard_session(session)
     assert seen == [(True, True)]
+
+
+def test_session_ids_are_signed_as_bokeh_checks_them():
+    # tokens.py signs ids that carry an owner tag with Bokeh's private
+    # _signature and _get_random_string; Bokeh's public check must accept them.
+    from bokeh.util.token import _get_random_string, _signature, check_session_id_signature
+
+    secret = b"k" * 32
+    base = f"{_get_random_string(secret_key=secret)}-tag1"
+    assert check_session_id_signature(f"{base}.{_signature(base, secret)}", secret_key=secret, signed=True)

@@ -479,3 +479,28 @@ def test_a_dead_workers_sessions_reconnect_at_once_each_made_anew_once(home):
             assert state(client.handshake())[0] == pid
     assert len(server.created()) == before + len(orphans)
     assert "Traceback" not in server.server.log()
+
+
+@pytest.mark.timeout(120)
+def test_serve_num_procs_gives_every_session_one_home(tmp_path):
+    created = tmp_path / "created.log"
+    created.touch()
+    port = free_port()
+    cmd = [sys.executable, "-m", "flask_docsync", "serve", str(APPS / "home_script.py"), "--num-procs", "4",
+           "--port", str(port), "--address", "127.0.0.1"]
+    server = RunningServer(cmd, port, env={"DOCSYNC_SECRET_KEY": SECRET, "HOME_LOG": str(created)},
+                           wait_path="/home_script")
+    try:
+        pids = set()
+        for _ in range(40):
+            token = fetch_token(server.url + "/home_script")
+            for _ in range(2):  # the page's WebSocket, then a reconnect
+                with WireClient(server.ws_url + "/home_script/ws", token, timeout=10) as client:
+                    pid = int(find_model(client.handshake().content["doc"], "pid")["attributes"]["text"])
+                pids.add(pid)
+                made = [line.split()[0] for line in created.read_text().splitlines()
+                        if line.split()[1] == get_session_id(token)]
+                assert made == [str(pid)], f"session made by {made}, served by {pid}"
+        assert len(pids) > 1, "one worker served everything: the test proves nothing"
+    finally:
+        server.stop()
