@@ -37,7 +37,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from . import handover, routing, websocket
 from .apps import normalize_route
 from .context import RequestData
-from .errors import ConfigurationError, HandshakeError, SessionError, TokenError, UnknownApplication
+from .errors import ConfigurationError, ConnectionClosed, HandshakeError, SessionError, TokenError, UnknownApplication
 from .tokens import origin_refusal
 from .sock import HandedOver, WebSocketDone
 from .transport import ENVIRON_KEY
@@ -372,9 +372,14 @@ def ws(app_path: str = "") -> Response:
     # handshake may yield to the cleanup loop.
     session.block_expiration()
     try:
-        conn = websocket.WebSocket.accept(
-            environ, subprotocol="bokeh", max_message_size=server.settings.websocket_max_message_size
-        )
+        try:
+            conn = websocket.WebSocket.accept(
+                environ, subprotocol="bokeh", max_message_size=server.settings.websocket_max_message_size
+            )
+        except ConnectionClosed as exc:
+            # Nothing to answer: the session stays for the client's reconnect.
+            log.info("WebSocket %s: the client went away during the handshake (%s)", request.path, exc.reason)
+            return Response(status=400)
         server.serve_connection(conn, session)
     finally:
         session.unblock_expiration()

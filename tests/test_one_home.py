@@ -504,3 +504,32 @@ def test_serve_num_procs_gives_every_session_one_home(tmp_path):
         assert len(pids) > 1, "one worker served everything: the test proves nothing"
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(90)
+def test_clients_that_vanish_during_a_hand_over_affect_nobody(home):
+    server = home()
+    keep_token, _, keeper, (keep_pid, slider_id, _) = open_page(server)
+    with keeper:
+        set_slider(keeper, slider_id, 77)
+        tokens = [fetch_token(server.page_url) for _ in range(40)]
+        host, port = server.url.rsplit("//", 1)[1].split(":")
+        for token in tokens:
+            # The upgrade request, then a RST before any answer: wherever the
+            # hand-over is when the client goes, it ends there.
+            raw = socket.create_connection((host, int(port)))
+            raw.sendall((
+                f"GET {ROUTE}/ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                f"Sec-WebSocket-Protocol: bokeh, {token}\r\n\r\n").encode())
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raw.close()
+        time.sleep(0.5)
+        # The live session still answers, and every page's session is still there to attach to.
+        set_slider(keeper, slider_id, 78)
+    for token in tokens[:10]:
+        with connect(server, token) as client:
+            assert state(client.handshake())[2] == INITIAL_VALUE
+    with connect(server, keep_token) as client:
+        assert state(client.handshake())[0::2] == (keep_pid, 78)
+    assert "Traceback" not in server.server.log()
