@@ -1105,27 +1105,25 @@ class WebSocket:
         if not self.closed:
             self.close()
         self._shutdown()
+        return _end_request(self._server, self._rfile)
 
-        if self._server == "gunicorn":
-            try:
-                from gunicorn.workers.base_async import ALREADY_HANDLED
-            except ImportError:  # pragma: no cover - gunicorn set gunicorn.socket
-                return []
-            return ALREADY_HANDLED
 
-        if self._server == "werkzeug":
-            return _werkzeug_dropped()
-
-        if self._server == "handover":
+def _end_request(server: str, rfile: t.Any) -> t.Any:
+    """What the WSGI app returns so that ``server`` ends a request whose stream it no longer owns."""
+    if server == "gunicorn":
+        try:
+            from gunicorn.workers.base_async import ALREADY_HANDLED
+        except ImportError:  # pragma: no cover - gunicorn set gunicorn.socket
             return []
-
-        if self._server == "pywsgi" and self._rfile is not None:
-            try:
-                self._rfile.close()
-            except (OSError, ValueError):
-                pass
-
-        return []
+        return ALREADY_HANDLED
+    if server == "werkzeug":
+        return _werkzeug_dropped()
+    if server == "pywsgi" and rfile is not None:
+        try:
+            rfile.close()
+        except (OSError, ValueError):
+            pass
+    return []  # also a handed-over connection: its owner's serve() closes it
 
 
 class Detached:
@@ -1155,20 +1153,7 @@ class Detached:
         read of the descriptor here now sees end of file.
         """
         handover.forget(self.sock)
-        if self._server == "gunicorn":
-            try:
-                from gunicorn.workers.base_async import ALREADY_HANDLED
-            except ImportError:  # pragma: no cover - gunicorn set gunicorn.socket
-                return []
-            return ALREADY_HANDLED
-        if self._server == "werkzeug":
-            return _werkzeug_dropped()
-        if self._server == "pywsgi" and self._rfile is not None:
-            try:
-                self._rfile.close()
-            except (OSError, ValueError):
-                pass
-        return []
+        return _end_request(self._server, self._rfile)
 
 
 def _werkzeug_dropped() -> t.Iterator[bytes]:
