@@ -354,11 +354,17 @@ def ws(app_path: str = "") -> Response:
             environ, 403,
             "Expected the subprotocols 'bokeh' and a session token (new WebSocket(url, ['bokeh', token])).",
         )
-    handed = _route_to_home(server, route, protocols[1], environ)
+    try:
+        # Once: routing trusts the owner's tag only under the signature, and
+        # the session lookup needs the payload.
+        decoded = server.tokens.decode(protocols[1])
+    except TokenError as exc:
+        return _refuse_ws(environ, exc.status, exc.reason)
+    handed = _route_to_home(server, route, decoded[0], environ)
     if handed is not None:
         return handed
     try:
-        session = server.session_for_token(route, protocols[1], request_data(user))
+        session = server.session_for_token(route, protocols[1], request_data(user), decoded)
     except TokenError as exc:
         return _refuse_ws(environ, exc.status, exc.reason)
     except SessionError as exc:
@@ -393,21 +399,18 @@ _HANDOVER_KEYS = ("REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", 
                   "CONTENT_LENGTH")
 
 
-def _route_to_home(server: DocSyncServer, route: str, token: str, environ: Any) -> Response | None:
+def _route_to_home(server: DocSyncServer, route: str, session_id: str, environ: Any) -> Response | None:
     """Hand the WebSocket to the worker that holds its session; ``None`` serves it here.
 
-    The token's signature is checked first: the owner's tag is trusted only
-    under it. A session this worker already holds is served here.
+    ``session_id`` comes from a token whose signature has been checked: the
+    owner's tag is trusted only under it. A session this worker already
+    holds is served here.
     """
     if "wsgi.websocket" in environ or ENVIRON_KEY in environ:
         return None
     server.start()  # a worker that has made no session yet still routes
     if not server.router.active:
         return None
-    try:
-        session_id, _ = server.tokens.decode(token)
-    except TokenError:
-        return None  # refused by the usual path, with its reason
     if not server.router.owner_elsewhere(session_id) or server.has_session(route, session_id):
         return None
     try:

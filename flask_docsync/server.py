@@ -238,17 +238,22 @@ class DocSyncServer:
         self.start()
         return context.create_session_if_needed(session_id, request, token, payload)
 
-    def session_for_token(self, route: str, token: str, live_request: RequestData) -> ServerSession:
+    def session_for_token(
+        self, route: str, token: str, live_request: RequestData, decoded: tuple[str, dict[str, Any]] | None = None
+    ) -> ServerSession:
         """The session a WebSocket's token names, created if this worker lacks it.
 
         The token's expiry is checked only when the session has to be
         created; a live session accepts its valid token again, so a
         reconnect after the expiry window still reattaches.
+
+        :param decoded: ``tokens.decode(token)`` if the caller has it
+            already; ``None`` decodes here.
         """
         context = self.get_context(route)
         if self._stopping:
             raise SessionError(503, "The server is shutting down; retry in a moment.")
-        session_id, payload = self.tokens.decode(token)
+        session_id, payload = decoded if decoded is not None else self.tokens.decode(token)
         session = context.get_session(session_id)
         if session is not None and not session.destroyed:
             self.router.figures["attached"] += 1

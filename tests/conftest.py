@@ -60,6 +60,40 @@ class RunningServer:
                 time.sleep(0.1)
         raise RuntimeError(f"server did not start:\n{self.log()}")
 
+    def child_pids(self) -> set[int]:
+        """The live children of the server process (gunicorn's workers, under gunicorn)."""
+        pids = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            # pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+            fields = stat.rpartition(")")[2].split()
+            if len(fields) > 1 and int(fields[1]) == self.proc.pid and fields[0] != "Z":
+                pids.add(int(entry))
+        return pids
+
+    def wait_for_workers(self, count: int, path: str, timeout: float = 30) -> None:
+        """Until gunicorn has booted ``count`` workers and ``path`` answers 200."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.child_pids()) == count and self.log().count("Booting worker") >= count:
+                try:
+                    status, _, _ = self.get(path)
+                except OSError:
+                    status = None
+                if status == 200:
+                    # The last worker to boot may still be importing the app;
+                    # it accepts nothing until then, so this only skews the spread.
+                    time.sleep(0.5)
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"{count} workers did not start:\n{self.log()}")
+
     def log(self) -> str:
         self._log.flush()
         with open(self._log.name, "rb") as f:

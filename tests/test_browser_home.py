@@ -145,41 +145,14 @@ class HomeBrowserServer:
         self.server = RunningServer(cmd, port, env={"TEST_SECRET": SECRET})
         self.url = self.server.url
         try:
-            self._wait_workers()
+            self.server.wait_for_workers(WORKERS, "/pid")
         except BaseException:
             self.server.stop()
             raise
 
-    def _wait_workers(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if len(self.worker_pids()) == WORKERS and self.server.log().count("Booting worker") >= WORKERS:
-                try:
-                    status, _, _ = self.server.get("/pid")
-                except OSError:
-                    status = None
-                if status == 200:
-                    time.sleep(0.5)  # the last worker may still be importing the app
-                    return
-            time.sleep(0.1)
-        raise AssertionError(f"{WORKERS} workers did not start:\n{self.server.log()}")
-
     def worker_pids(self) -> set[int]:
         """The arbiter's live children (gunicorn's workers)."""
-        arbiter = self.server.proc.pid
-        pids = set()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            fields = stat.rpartition(")")[2].split()
-            if len(fields) > 1 and int(fields[1]) == arbiter and fields[0] != "Z":
-                pids.add(int(entry))
-        return pids
+        return self.server.child_pids()
 
     def log(self) -> str:
         return self.server.log()

@@ -76,42 +76,11 @@ class HomeServer:
         self.url = self.server.url
         self.page_url = self.url + ROUTE
         self.ws_url = self.server.ws_url + ROUTE + "/ws"
-        self._wait_workers()
-
-    def _wait_workers(self, timeout: float = 30) -> None:
-        """Until every worker has booted and the app answers."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if len(self.worker_pids()) == WORKERS and self.server.log().count("Booting worker") >= WORKERS:
-                try:
-                    status, _, _ = self.server.get("/pid")
-                except OSError:
-                    status = None
-                if status == 200:
-                    # The last worker to boot may still be importing the app;
-                    # it accepts nothing until then, so this only skews the spread.
-                    time.sleep(0.5)
-                    return
-            time.sleep(0.1)
-        raise AssertionError(f"{WORKERS} workers did not start:\n{self.server.log()}")
+        self.server.wait_for_workers(WORKERS, "/pid")
 
     def worker_pids(self) -> set[int]:
         """The arbiter's live children (gunicorn's workers)."""
-        arbiter = self.server.proc.pid
-        pids = set()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            # pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
-            fields = stat.rpartition(")")[2].split()
-            if len(fields) > 1 and int(fields[1]) == arbiter and fields[0] != "Z":
-                pids.add(int(entry))
-        return pids
+        return self.server.child_pids()
 
     def created(self) -> list[tuple[int, str]]:
         return _read_log(self.created_log)
