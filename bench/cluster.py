@@ -115,9 +115,10 @@ PLANS = {
     },
     "full": {
         "connects_w4": 300, "connects_w1": 80,
-        "pairs": 24, "reps": 3, "rt_s": 3.0, "rt_max_ops": 400000, "stream_s": 3.0, "stream_warmup_s": 1.0,
+        "pairs": 24, "reps": 3, "rt_s": 3.0, "rt_max_ops": 400000, "stream_s": 8.0, "stream_warmup_s": 1.0,
+        "stream_reps": 5,
         "lifecycle_seq": (60, 10.0), "lifecycle_mixed": (60, 15.0), "lifecycle_conc": (120, 8, 15.0),
-        "lifecycle_reps": 3,
+        "lifecycle_reps": 5,
     },
 }
 
@@ -126,6 +127,10 @@ PLANS = {
 #: the WebSocket arrives and nearly always loses the accept to another.
 DEFAULT_PAUSE = 0.05
 PAUSE = DEFAULT_PAUSE
+
+#: ``--pin``: the CPUs the servers run on (the bench client gets the others),
+#: or ``None`` to let the kernel place everything.
+PIN: list[int] | None = None
 
 
 # --------------------------------------------------------------------------- servers
@@ -144,7 +149,8 @@ class Cluster(h.Server):
     def command(self) -> list[str]:
         base = super().command()  # [python, -m, flask_docsync, serve, ...]
         assert base[3] == "serve"
-        return [sys.executable, str(Path(__file__).resolve()), SERVE_FLAG, str(self.workers), *base[3:]]
+        pin = ["taskset", "-c", ",".join(map(str, PIN))] if PIN else []
+        return [*pin, sys.executable, str(Path(__file__).resolve()), SERVE_FLAG, str(self.workers), *base[3:]]
 
     def start(self, timeout: float = 60.0) -> None:
         super().start(timeout)
@@ -546,7 +552,7 @@ async def per_op(server: Cluster, watchers: Watchers, plan: dict[str, Any], pool
                 out["roundtrip"][label].append(r)
                 h.log(f"per-op rep {rep + 1} round trips, {label}: {br.short(r)}")
         await h.wait_quiet(server, 0, 30)
-        for rep in range(plan["reps"]):
+        for rep in range(plan.get("stream_reps", plan["reps"])):
             order = ("handed", "direct") if rep % 2 == 0 else ("direct", "handed")
             for label in order:
                 r = await stream_window(server, sets[label], plan["stream_s"], plan["stream_warmup_s"])
@@ -808,14 +814,24 @@ def main() -> int:
                         help="seconds between a page GET and its WebSocket in the classified connects"
                              f" (default {DEFAULT_PAUSE})")
     parser.add_argument("--logs", default=None, help="keep the servers' logs in this directory")
+    parser.add_argument("--pin", default=None, metavar="CPUS",
+                        help="run the servers on these CPUs (taskset list, e.g. 0) and this client on the"
+                             " others, so that -w 4 cannot spread a window over more cores than -w 1: CPU"
+                             " time then measures work, not two cores contending for the machine's caches")
     args = parser.parse_args()
     args.only = {s.strip() for s in args.only.split(",") if s.strip()}
     unknown = args.only - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     plan = PLANS["quick" if args.quick else "full"]
-    global PAUSE
+    global PAUSE, PIN
     PAUSE = args.pause
+    if args.pin:
+        PIN = sorted({int(c) for c in args.pin.split(",")})
+        others = set(os.sched_getaffinity(0)) - set(PIN)
+        if not others:
+            parser.error(f"--pin {args.pin} leaves no CPU for the client")
+        os.sched_setaffinity(0, others)
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 8192) if hard != resource.RLIM_INFINITY else 8192
@@ -829,8 +845,9 @@ def main() -> int:
     import gunicorn
 
     machine["gunicorn"] = gunicorn.__version__
+    machine["pinned_servers_to"] = PIN
     h.log(f"plan: {'quick' if args.quick else 'full'}; {machine['cpu']}, {machine['cores']} cores,"
-          f" load {machine['loadavg_start'][0]:.2f}")
+          f" load {machine['loadavg_start'][0]:.2f}" + (f"; servers pinned to CPU {PIN}" if PIN else ""))
     logdir_ctx = tempfile.TemporaryDirectory(prefix="docsync-cluster-") if args.logs is None else None
     logdir = Path(args.logs) if args.logs else Path(logdir_ctx.name)  # type: ignore[union-attr]
     logdir.mkdir(parents=True, exist_ok=True)
@@ -863,7 +880,8 @@ def main() -> int:
           f" ({'quick' if args.quick else 'full'} run, {time.monotonic() - t_start:.0f} s)")
     print(f"machine: {machine['cpu']}, {machine['cores']} cores (nproc {len(os.sched_getaffinity(0))});"
           f" Python {machine['python']}, bokeh {machine['bokeh']}, gunicorn {machine['gunicorn']},"
-          f" gevent {machine['gevent']}; load average {machine['loadavg_start'][0]:.2f} at start,"
+          f" gevent {machine['gevent']};" + (f" servers pinned to CPU {PIN}, client on the others;" if PIN else "")
+          + f" load average {machine['loadavg_start'][0]:.2f} at start,"
           f" {machine['loadavg_end'][0]:.2f} at end")
     if extra.get("idle_cpu_pct"):
         print("idle server CPU (process tree): "

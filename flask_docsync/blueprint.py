@@ -392,6 +392,10 @@ def ws(app_path: str = "") -> Response:
     return WebSocketDone(conn)
 
 
+#: Reasons already logged why a connection could not be handed over: each
+#: applies to every connection of the process, so it is said once.
+_NOT_ROUTED: set[str] = set()
+
 #: What a handed-over request keeps of the WSGI environ: the CGI variables
 #: and the HTTP headers, the rest belongs to the process that read it.
 _HANDOVER_KEYS = ("REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "SERVER_NAME", "SERVER_PORT",
@@ -415,7 +419,13 @@ def _route_to_home(server: DocSyncServer, route: str, session_id: str, environ: 
         return None
     try:
         detached = websocket.Detached(environ)
-    except HandshakeError:
+    except HandshakeError as exc:
+        if exc.reason not in _NOT_ROUTED:
+            _NOT_ROUTED.add(exc.reason)
+            log.warning(
+                "WebSockets that reach a worker other than their session's are served from the token"
+                " there, as a second copy of the session: %s", exc.reason,
+            )
         return None
     head = {key: environ[key] for key in _HANDOVER_KEYS if isinstance(environ.get(key), str)}
     head.update({key: value for key, value in environ.items() if key.startswith("HTTP_") and isinstance(value, str)})

@@ -1134,8 +1134,9 @@ class Detached:
     after all, :meth:`WebSocket.accept` finds those bytes again.
 
     :raises HandshakeError: when gevent-websocket has already answered the
-        handshake (the connection can no longer be passed on), or the socket
-        cannot be found.
+        handshake or the server speaks TLS on the socket itself (either way
+        the connection's state lives in this process and cannot be passed
+        on), or the socket cannot be found.
     """
 
     def __init__(self, environ: dict[str, t.Any]) -> None:
@@ -1143,6 +1144,16 @@ class Detached:
             raise HandshakeError(500, "gevent-websocket has answered the handshake already")
         self._environ = environ
         self.sock, self._rfile, self._server = _find_socket(environ)
+        if callable(getattr(self.sock, "getpeercert", None)):
+            # The session keys and record counters are in this process's
+            # SSL object: another process holding the descriptor would see
+            # ciphertext it cannot read.
+            raise HandshakeError(
+                500,
+                "the server speaks TLS on the client socket itself (gunicorn --certfile), and a TLS"
+                " connection cannot be passed to another process; terminate TLS at a proxy such as"
+                " nginx in front of gunicorn so that WebSockets can reach their session's worker",
+            )
         self.buffered = _take_all_buffered(environ, self.sock, self._rfile, self._server)
         environ[_BUFFERED_KEY] = self.buffered
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -32,10 +33,12 @@ class RunningServer:
     """A `flask-docsync serve` (or other command) subprocess on 127.0.0.1."""
 
     def __init__(self, args: list[str], port: int, env: dict[str, str] | None = None, cwd: Path | None = None,
-                 wait_path: str = "/") -> None:
+                 wait_path: str = "/", tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: the client context for a server that speaks TLS itself (https/wss URLs); ``None`` for plain HTTP."""
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.ws_url = f"ws://127.0.0.1:{port}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        self.ws_url = f"{'wss' if tls else 'ws'}://127.0.0.1:{port}"
         self._log = tempfile.NamedTemporaryFile("w+b", prefix="docsync-server-", suffix=".log", delete=False)
         full_env = dict(os.environ)
         full_env["PYTHONUNBUFFERED"] = "1"
@@ -116,7 +119,10 @@ class RunningServer:
             def redirect_request(self, *args, **kwargs):
                 return None
 
-        opener = urllib.request.build_opener(NoRedirect)
+        handlers: list[urllib.request.BaseHandler] = [NoRedirect()]
+        if self.tls is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=self.tls))
+        opener = urllib.request.build_opener(*handlers)
         try:
             with opener.open(req, timeout=15) as r:
                 return r.status, dict(r.headers), r.read()

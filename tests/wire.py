@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import ssl
 import urllib.request
 from typing import Any
 
@@ -17,9 +18,9 @@ import websocket
 _ids = itertools.count(1)
 
 
-def fetch_token(page_url: str) -> str:
-    """Load an app page and return the session token embedded in it."""
-    with urllib.request.urlopen(page_url, timeout=10) as response:
+def fetch_token(page_url: str, context: ssl.SSLContext | None = None) -> str:
+    """Load an app page and return the session token embedded in it (``context`` for https)."""
+    with urllib.request.urlopen(page_url, timeout=10, context=context) as response:
         html = response.read().decode("utf-8")
     match = re.search(r'"token":\s*"([A-Za-z0-9_.\-]+)"', html) or re.search(r'\\"token\\":\s*\\"([A-Za-z0-9_.\-]+)\\"', html)
     if not match:
@@ -46,9 +47,12 @@ class WireClient:
     """A WebSocket speaking the Bokeh protocol by hand."""
 
     def __init__(self, ws_url: str, token: str | None, origin: str | None = None,
-                 subprotocols: list[str] | None = None, timeout: float = 10.0) -> None:
+                 subprotocols: list[str] | None = None, timeout: float = 10.0,
+                 context: ssl.SSLContext | None = None) -> None:
         protocols = subprotocols if subprotocols is not None else ["bokeh", token]
         kwargs: dict[str, Any] = {"subprotocols": protocols, "timeout": timeout}
+        if context is not None:
+            kwargs["sslopt"] = {"context": context}
         if origin is not None:
             kwargs["origin"] = origin
         else:
