@@ -40,6 +40,8 @@ from bokeh.util.token import (
 )
 
 from conftest import APPS, RunningServer, free_port
+from flask_docsync.config import Settings
+from flask_docsync.tokens import TokenPolicy, owner_tag
 from wire import Message, WireClient, fetch_token, find_model
 
 SECRET = "home-secret-" + "h" * 32
@@ -451,6 +453,83 @@ def test_a_dead_workers_sessions_reconnect_at_once_each_made_anew_once(home):
         with connect(server, token) as client:
             assert state(client.handshake())[0] == pid
     assert len(server.created()) == before + len(orphans)
+    assert "Traceback" not in server.server.log()
+
+
+#: Reconnects at once for a killed worker's sessions, as the issue asks.
+THOUSAND = 1000
+
+
+@pytest.mark.timeout(150)
+def test_a_thousand_reconnects_at_once_for_a_dead_worker(home):
+    """1,000 WebSockets at once for sessions of a worker killed with SIGKILL:
+    each gets a fresh session, made once, spread over the survivors; their
+    reconnects find those copies; the survivors' own sessions go on.
+
+    Making 1,000 sessions on one worker first would take minutes, so the ids
+    are signed here with the deployment's secret and the victim's owner tag,
+    exactly what that worker would have given out: the survivors cannot tell
+    them apart from real sessions of a dead worker, and must not.
+    """
+    server = home()
+    token, session_id, client, (victim, _, _) = open_page(server)
+    client.close()
+    tag = owner_tag(session_id)
+    assert tag, session_id
+    others = []
+    while len({pid for _, _, pid in others}) < 2 and len(others) < 40:
+        other_token, other_id, other, (pid, slider_id, _) = open_page(server)
+        if pid == victim:
+            other.close()
+            continue
+        set_slider(other, slider_id, 900 + len(others))
+        other.close()
+        others.append((other_token, 900 + len(others), pid))
+    policy = TokenPolicy(Settings.load({}, {"secret_key": SECRET}))
+    orphans = [policy.new_session_id(owner=tag) for _ in range(THOUSAND)]
+    tokens = {sid: generate_jwt_token(sid, secret_key=SECRET.encode(), signed=True, expiration=300) for sid in orphans}
+    before = len(server.created())
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while victim in server.worker_pids() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    results: dict[str, object] = {}
+    go = threading.Event()
+
+    def reconnect(sid: str) -> None:
+        go.wait()
+        try:
+            with connect(server, tokens[sid], retry_for=30) as c:
+                c.ws.settimeout(90)
+                results[sid] = state(c.handshake())
+        except Exception as exc:  # recorded, asserted below
+            results[sid] = exc
+
+    threads = [threading.Thread(target=reconnect, args=(sid,), daemon=True) for sid in orphans]
+    for thread in threads:
+        thread.start()
+    started = time.monotonic()
+    go.set()
+    for thread in threads:
+        thread.join(timeout=max(1.0, 120 - (time.monotonic() - started)))
+    elapsed = time.monotonic() - started
+    failed = [r for r in results.values() if isinstance(r, Exception)]
+    assert len(results) == THOUSAND and not failed, (
+        f"{THOUSAND - len(results)} unfinished, {len(failed)} failed in {elapsed:.1f}s: {failed[:3]}"
+    )
+    made = Counter(sid for _, sid in server.created()[before:])
+    assert sorted(made) == sorted(orphans) and set(made.values()) == {1}, "each is made anew exactly once"
+    homes = Counter(r[0] for r in results.values())
+    assert victim not in homes and len(homes) > 1, homes
+    # Reconnects of a sample reach the copies just made.
+    for sid in orphans[:: THOUSAND // 50]:
+        with connect(server, tokens[sid]) as c:
+            assert state(c.handshake()) == results[sid]
+    for other_token, value, pid in others:
+        with connect(server, other_token) as c:
+            assert state(c.handshake())[::2] == (pid, value)
+    assert len(server.created()) == before + THOUSAND
     assert "Traceback" not in server.server.log()
 
 
