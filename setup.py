@@ -57,7 +57,12 @@ setup(
             "psutil>=5",
             "numpy>=1.24",
             "gevent-websocket>=0.10",
+            # The pairs the suite runs: Panel 1.9 on bokeh 3.9, Panel 1.10 on bokeh 3.10.
+            'panel>=1.9.4,<1.10; python_version < "3.12"',
+            'panel>=1.10,<1.11; python_version >= "3.12"',
         ],
+        # Panel apps (flask_docsync.panel); Panel chooses the bokeh it needs.
+        "panel": ["panel>=1.9.4,<1.11"],
     },
     entry_points={"console_scripts": ["flask-docsync = flask_docsync.cli:main"]},
     classifiers=[

@@ -98,6 +98,17 @@ class ServerConnection:
         return f"<ServerConnection {self.id} session={self.session.id[:12]}...>"
 
     @property
+    def _socket(self) -> ServerConnection:
+        """What Bokeh's connection calls its socket: this connection is its own
+        (Panel looks up how to write to a connection by this object's type)."""
+        return self
+
+    @property
+    def protocol(self) -> Any:
+        """The Bokeh ``Protocol`` that makes this connection's messages."""
+        return protocol
+
+    @property
     def queued(self) -> int:
         return self._queue.qsize()
 

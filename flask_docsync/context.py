@@ -25,7 +25,7 @@ from bokeh.application.handlers.directory import DirectoryHandler
 from bokeh.application.handlers.document_lifecycle import DocumentLifecycleHandler
 from bokeh.document import Document
 
-from . import aio, compat
+from . import aio, compat, panel
 from .errors import SessionError
 from .session import CallbackStats, ServerSession
 
@@ -103,8 +103,9 @@ class ServerContext(_BokehServerContext):
         return self._application_context()
 
     @property
-    def sessions(self) -> list[SessionContext]:  # type: ignore[override]
-        return list(self._session_contexts.values())
+    def sessions(self) -> list[ServerSession]:  # type: ignore[override]
+        """The live sessions of this application, as Bokeh's server context gives them."""
+        return [c._session for c in list(self._session_contexts.values()) if c._session is not None]
 
 
 class SessionContext(_BokehSessionContext):
@@ -211,6 +212,8 @@ class ApplicationContext:
             application.add(DocumentLifecycleHandler())
         self.application = application
         self.url = url
+        #: Bokeh's name for :attr:`url`, which Panel's ``Application`` reads.
+        self._url = url
         self.app_scope = app_scope or _no_scope
         self.logout_url = logout_url
         self.scheduler_factory = scheduler_factory
@@ -313,11 +316,13 @@ class ApplicationContext:
 
         try:
             with scope():
+                panel.prepare()
                 self._run_session_hooks("on_session_created", context)
                 lock = self._script_lock or contextlib.nullcontext()
                 with lock, compat.curdoc_as(doc):
                     # Bokeh's FunctionHandler does not patch curdoc; this does.
                     self.application.initialize_document(doc)
+                panel.adopt(doc, self.application)
         except (Exception, SystemExit) as exc:
             compat.set_session_context(doc, None)
             log.exception("App %s: session %s could not be created", self.url, session_id)

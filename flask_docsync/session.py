@@ -244,6 +244,11 @@ class ServerSession:
             raise RuntimeError("mismatched block_expiration / unblock_expiration")
         self._expiration_blocked -= 1
 
+    @property
+    def _subscribed_connections(self) -> list[Subscriber]:
+        """The connections, under the name Bokeh's session gives them (Panel reads it)."""
+        return list(self._connections)
+
     def subscribe(self, connection: Subscriber) -> bool:
         """Send this session's changes to ``connection`` from now on.
 

@@ -1,0 +1,159 @@
+"""HoloViz Panel apps served by flask-docsync.
+
+Panel is built on the Bokeh server and assumes Tornado's: one OS thread that
+owns every document, an ``IOLoop``, and its own ``Application`` class. This
+module makes those assumptions hold under gevent. Nothing here runs unless
+Panel is imported: :func:`prepare` and :func:`adopt` are called for every
+session, and return at once when ``panel`` is not in :data:`sys.modules`.
+
+Install it with ``pip install flask-docsync[panel]``. Panel 1.9 (bokeh 3.9)
+and 1.10 (bokeh 3.10) are supported; the private Panel names this module
+relies on are listed in :data:`PANEL_NAMES` and checked by the test suite.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import threading
+import weakref
+from typing import Any
+
+import gevent.monkey
+from bokeh.document import Document
+
+log = logging.getLogger(__name__)
+
+#: The OS thread's id, also under gevent's monkey-patching (where
+#: ``threading.get_ident`` names the current greenlet).
+_os_thread_ident = gevent.monkey.get_original("_thread", "get_ident")
+
+#: Private names of ``panel.io.state.state`` this module reads or replaces.
+PANEL_NAMES = ("_current_thread", "_thread_id_", "_schedule_on_load", "_loaded", "_connected")
+#: What Panel's ``pn.io.unlocked()`` calls to write to a connection of a
+#: server other than Tornado's (``panel.io.document``).
+PANEL_DOCUMENT_NAMES = ("extra_socket_handlers",)
+
+_installed = False
+
+
+def active() -> bool:
+    """Whether Panel has been imported in this process (only then is anything done)."""
+    return "panel" in sys.modules
+
+
+class _OsThreadIds(weakref.WeakKeyDictionary):  # type: ignore[type-arg]
+    """Panel's document → thread-id map, holding OS thread ids.
+
+    Panel records ``threading.get_ident()`` when it sets a document up and
+    compares it with the current one before it touches the document, to send
+    changes made in other threads through the event loop. Under gevent that
+    id names a greenlet: the request greenlet that made the document differs
+    from the greenlets that run its callbacks, so every change was deferred
+    and ``pn.io.unlocked()`` warned on every call. All greenlets of a hub
+    share one OS thread and the document lock, so the OS thread's id is the
+    one to compare; a real thread (``--num-threads``) still differs.
+    """
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if value is not None and value == threading.get_ident():
+            value = _os_thread_ident()
+        super().__setitem__(key, value)
+
+
+def _os_current_thread(self: Any) -> int:
+    return _os_thread_ident()
+
+
+def install() -> None:
+    """Adapt Panel's process-wide state to gevent; idempotent.
+
+    Called by :func:`prepare` once Panel is imported.
+    """
+    global _installed
+    if _installed or not active():
+        return
+    from panel.io.state import state
+
+    cls = type(state)
+    missing = [name for name in PANEL_NAMES if not hasattr(state, name)]
+    if missing:
+        log.warning(
+            "This Panel release (%s) lacks %s; Panel apps may misbehave under flask-docsync."
+            " Use Panel 1.9 or 1.10.", _panel_version(), ", ".join(missing),
+        )
+        _installed = True
+        return
+    from panel.io.document import extra_socket_handlers
+
+    from .connection import ServerConnection
+
+    extra_socket_handlers[ServerConnection] = _write
+    cls._current_thread = property(_os_current_thread)  # type: ignore[attr-defined]
+    ids = _OsThreadIds()
+    for doc, ident in list(state._thread_id_.items()):
+        ids[doc] = ident
+    state._thread_id_ = ids
+    _installed = True
+    log.debug("Panel %s adapted to gevent", _panel_version())
+
+
+def _write(conn: Any, events: list[Any] | None = None, msg: Any = None) -> list[Any]:
+    """Send what ``pn.io.unlocked()`` collected to one of our connections.
+
+    Panel calls this once per connection with the same ``events`` list
+    (1.9), or with one ``msg`` made for all of them (1.10). Where the current
+    greenlet holds the session's document lock (a click handled in the
+    reader, an onload callback), the events join the changes already
+    collected under the lock, so the client gets them in the order they
+    were made, once, when the lock is released. Without the lock (Panel runs
+    most callbacks unlocked) the message is written straight to the
+    connection's queue, as Panel writes to Tornado's sockets.
+
+    :return: Futures to await: none, the connection's writer sends it.
+    """
+    session = conn.session
+    if events is not None and session.lock_held_here and session._pending is not None:
+        if getattr(session, "_panel_events", None) is not events:
+            session._panel_events = events  # once per list, not once per connection
+            session._pending.extend((event, None) for event in events)
+        return []
+    if msg is None:
+        if not events:
+            return []
+        msg = conn.protocol.create("PATCH-DOC", events)
+    conn.send_message(msg)
+    return []
+
+
+def prepare() -> None:
+    """Before a session's document is built: adapt Panel if it has been imported."""
+    if active():
+        install()
+
+
+def adopt(doc: Document, application: Any) -> None:
+    """After a session's document is built by ``application``.
+
+    The app may have imported Panel just now (a script's ``import panel``),
+    so Panel is adapted here too. Panel's own ``Application`` wires the
+    browser's ``document_ready`` event to Panel's on-load step (which sets
+    ``pn.state.loaded``, runs ``pn.state.onload`` callbacks and lets
+    ``pn.io.hold()`` send what it held); a Bokeh ``Application`` built
+    before Panel was imported, or from a function, does not, so the same
+    is done here for it. Running that step twice does nothing more.
+    """
+    if not active():
+        return
+    install()
+    from panel.io.application import Application as PanelApplication
+    from panel.io.state import state
+
+    if not isinstance(application, PanelApplication):
+        doc.on_event("document_ready", functools.partial(state._schedule_on_load, doc))
+
+
+def _panel_version() -> str:
+    module = sys.modules.get("panel")
+    return str(getattr(module, "__version__", "?"))
