@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from bokeh.core.templates import AUTOLOAD_JS
-from bokeh.embed.bundle import Script, bundle_for_objs_and_resources, extension_dirs
+from bokeh.embed.bundle import URL, Bundle, Script, bundle_for_objs_and_resources, extension_dirs
 from bokeh.core.has_props import HasProps
 from bokeh.embed.elements import html_page_for_render_items, script_for_render_items
 from bokeh.embed.util import RenderItem
@@ -108,9 +108,29 @@ def page_resources(res: Resources) -> tuple[str, str]:
     if tags is None:
         if len(_page_resources) >= 64:  # e.g. many Host names seen through a proxy
             _page_resources.clear()
-        js, css = bundle_for_objs_and_resources(None, res)
+        js, css = served_bundle(res)
         tags = _page_resources[key] = (js, css)
     return tags
+
+
+def served_bundle(res: Resources | None) -> Bundle:
+    """Bokeh's script and style bundle for a page, with every extension file
+    under this blueprint.
+
+    ``None`` for ``res`` gives the bundle without BokehJS's own files, as
+    with Bokeh. Bokeh takes a model's ``__javascript__``/``__css__`` entries
+    as they are. Panel's, in server mode, are paths such as
+    ``static/extensions/panel/bundled/...`` relative to the page: right for
+    a server at ``/`` and a page at its root, wrong under a URL prefix or on
+    an app page (``/docsync/app/``). They are made absolute under the root
+    URL, where :func:`extension_static` serves them.
+    """
+    bundle = bundle_for_objs_and_resources(None, res)
+    root = res.root_url if res is not None and res.mode in ("server", "server-dev") else None
+    if root:
+        bundle.js_files = [URL(root + url.url) if url.url.startswith("static/") else url for url in bundle.js_files]
+        bundle.css_files = [URL(root + url.url) if url.url.startswith("static/") else url for url in bundle.css_files]
+    return bundle
 
 
 def request_data(user: Any = None) -> RequestData:
@@ -257,7 +277,7 @@ def autoload_js(app_path: str = "") -> Response:
     except (SessionError, UnknownApplication) as exc:
         return _error_response(exc)
     res = resources(server_url) if request.args.get("resources", "default") != "none" else None
-    bundle = bundle_for_objs_and_resources(None, res)
+    bundle = served_bundle(res)
     render_items = [RenderItem(token=token, elementid=element_id, use_for_title=False)]
     bundle.add(Script(script_for_render_items({}, render_items, app_path=app_url_path, absolute_url=absolute_url)))
     js = AUTOLOAD_JS.render(bundle=bundle, elementid=element_id)

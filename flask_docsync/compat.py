@@ -39,6 +39,7 @@ from bokeh.application.handlers.lifecycle import LifecycleHandler
 from bokeh.core.has_props import HasProps
 from bokeh.document import document as _bokeh_document
 from bokeh.io import doc as _bokeh_io_doc
+from bokeh.io import state as _bokeh_io_state
 
 BOKEH_VERSION: tuple[int, ...] = tuple(
     int(part) for part in bokeh.__version__.split(".")[:2] if part.isdigit()
@@ -123,9 +124,24 @@ def curdoc_guard() -> Iterator[None]:
 
 @contextlib.contextmanager
 def curdoc_as(doc: Any) -> Iterator[None]:
-    """``patch_curdoc(doc)`` that also undoes itself when the body raises."""
-    with curdoc_guard(), _bokeh_io_doc.patch_curdoc(doc):
-        yield
+    """``patch_curdoc(doc)`` that also undoes itself when the body raises.
+
+    The process-wide default document (``curstate().document``, what
+    ``curdoc()`` gives outside any patch) is put back as well. Panel's
+    script runner saves ``curdoc()`` (here: ``doc``), calls ``set_curdoc``
+    and then "restores" that saved value globally, which left every
+    session's document referenced from Bokeh's global state until the next
+    session replaced it, and made it what unpatched code saw as
+    ``curdoc()``.
+    """
+    state = _bokeh_io_state.curstate()
+    default = state._document
+    try:
+        with curdoc_guard(), _bokeh_io_doc.patch_curdoc(doc):
+            yield
+    finally:
+        if state._document is not default:
+            state._document = default
 
 
 class _DocumentGc:

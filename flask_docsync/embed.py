@@ -22,7 +22,7 @@ from bokeh.embed.util import RenderItem
 from flask import current_app, render_template, request
 from markupsafe import Markup
 
-from .blueprint import create_session, resources
+from .blueprint import create_session, page_resources, resources
 from .errors import SessionError
 
 if TYPE_CHECKING:
@@ -30,8 +30,16 @@ if TYPE_CHECKING:
 
 
 def docsync_resources() -> Markup:
-    """Script tags loading BokehJS from this app (never a CDN); once per page."""
-    return Markup(render_template("docsync/resources.html", js=Markup(resources().render_js())))
+    """The script and style tags of BokehJS and of every Bokeh extension
+    imported in this process (Panel's among them), all from this app,
+    never a CDN; once per page.
+
+    As on the app pages, every extension is included rather than those of
+    the documents on this page: a model an app adds later (a Panel widget
+    that is loaded lazily) must be known to the browser when it arrives.
+    """
+    js, css = page_resources(resources())
+    return Markup(render_template("docsync/resources.html", js=Markup(js), css=Markup(css)))
 
 
 def docsync_document(route: str, arguments: dict[str, Any] | None = None) -> Markup:

@@ -185,3 +185,11 @@ def contexts():
     yield made
     for context in made:
         context.destroy_all(force=True)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # Importing Panel changes process-wide Bokeh state (its models join every
+    # page's bundle); Panel tests run it in their own processes.
+    if "panel" in sys.modules:
+        raise pytest.UsageError("a test module imported panel while being collected; "
+                                "use importlib.util.find_spec and run Panel in a subprocess")

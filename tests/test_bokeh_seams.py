@@ -161,20 +161,3 @@ def test_session_ids_are_signed_as_bokeh_checks_them():
     secret = b"k" * 32
     base = f"{_get_random_string(secret_key=secret)}-tag1"
     assert check_session_id_signature(f"{base}.{_signature(base, secret)}", secret_key=secret, signed=True)
-
-
-def test_the_private_panel_names_flask_docsync_panel_relies_on():
-    # flask_docsync/panel.py replaces or calls these; a Panel release that
-    # renames one must fail here rather than in a browser.
-    pytest.importorskip("panel")
-    import panel.io.document as panel_document
-    from panel.io.application import Application
-    from panel.io.state import state
-
-    from flask_docsync import panel as docsync_panel
-
-    missing = [n for n in docsync_panel.PANEL_NAMES if not hasattr(state, n)]
-    missing += [n for n in docsync_panel.PANEL_DOCUMENT_NAMES if not hasattr(panel_document, n)]
-    assert not missing, missing
-    assert isinstance(type(state)._current_thread, property)
-    assert callable(getattr(Application, "_set_session_prefix", None))

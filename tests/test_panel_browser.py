@@ -8,13 +8,15 @@ own JavaScript comes from our static route.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-pytest.importorskip("panel", reason="the Panel tests need Panel (pip install -e '.[test]' installs it)")
+if importlib.util.find_spec("panel") is None:  # not imported here: this process stays Panel-free
+    pytest.skip("the Panel tests need Panel (pip install -e '.[test]' installs it)", allow_module_level=True)
 
 from browser_util import TIMEOUT_MS, launch_browser, require_browser  # noqa: E402
 from conftest import APPS, RunningServer, free_port  # noqa: E402
