@@ -30,11 +30,11 @@ from bokeh.embed.elements import html_page_for_render_items, script_for_render_i
 from bokeh.embed.util import RenderItem
 from bokeh.resources import Resources
 from bokeh.settings import settings as bokeh_settings
-from flask import Blueprint, Flask, Response, abort, current_app, jsonify, redirect, render_template, request, send_from_directory
+from flask import Blueprint, Flask, Response, abort, current_app, jsonify, redirect, render_template, request, send_file, send_from_directory
 from markupsafe import escape
 from werkzeug.wrappers import Response as BaseResponse
 
-from . import handover, routing, websocket
+from . import handover, panel, routing, websocket
 from .apps import normalize_route
 from .context import RequestData
 from .errors import ConfigurationError, ConnectionClosed, HandshakeError, SessionError, TokenError, UnknownApplication
@@ -92,7 +92,19 @@ def resources(server_url: str | None = None) -> Resources:
 
 
 #: Rendered BokehJS script and style tags of app pages, by what they depend on.
-_page_resources: dict[tuple[Any, ...], tuple[str, str]] = {}
+_page_resources: dict[tuple[Any, ...], tuple[str, str, Bundle]] = {}
+
+
+def _cached_bundle(res: Resources) -> tuple[str, str, Bundle]:
+    key = (res.mode, res.root_url, res.minified, res.log_level, len(HasProps.model_class_reverse_map))
+    cached = _page_resources.get(key)
+    if cached is None:
+        if len(_page_resources) >= 64:  # e.g. many Host names seen through a proxy
+            _page_resources.clear()
+        bundle = served_bundle(res)
+        js, css = bundle
+        cached = _page_resources[key] = (js, css, bundle)
+    return cached
 
 
 def page_resources(res: Resources) -> tuple[str, str]:
@@ -103,14 +115,13 @@ def page_resources(res: Resources) -> tuple[str, str]:
     The number of known model classes is part of the key because importing
     a custom extension model adds that extension's script.
     """
-    key = (res.mode, res.root_url, res.minified, res.log_level, len(HasProps.model_class_reverse_map))
-    tags = _page_resources.get(key)
-    if tags is None:
-        if len(_page_resources) >= 64:  # e.g. many Host names seen through a proxy
-            _page_resources.clear()
-        js, css = served_bundle(res)
-        tags = _page_resources[key] = (js, css)
-    return tags
+    js, css, _ = _cached_bundle(res)
+    return js, css
+
+
+def page_bundle(res: Resources) -> Bundle:
+    """The bundle behind :func:`page_resources` (not to be modified)."""
+    return _cached_bundle(res)[2]
 
 
 def served_bundle(res: Resources | None) -> Bundle:
@@ -238,6 +249,8 @@ def page(app_path: str = "") -> Response:
     except (SessionError, UnknownApplication) as exc:
         return _error_response(exc)
     doc = session.document
+    if panel.is_panel_document(doc):
+        return Response(panel.page_html(session, resources()), mimetype="text/html")
     # What bokeh.embed.server_html_page_for_session does, with the
     # resources rendered once.
     item = RenderItem(token=session.token, roots=doc.roots, use_for_title=True)
@@ -277,10 +290,13 @@ def autoload_js(app_path: str = "") -> Response:
     except (SessionError, UnknownApplication) as exc:
         return _error_response(exc)
     res = resources(server_url) if request.args.get("resources", "default") != "none" else None
-    bundle = served_bundle(res)
-    render_items = [RenderItem(token=token, elementid=element_id, use_for_title=False)]
-    bundle.add(Script(script_for_render_items({}, render_items, app_path=app_url_path, absolute_url=absolute_url)))
-    js = AUTOLOAD_JS.render(bundle=bundle, elementid=element_id)
+    if res is not None and panel.is_panel_document(session.document):
+        js = panel.autoload_js(session, res, element_id, app_url_path, absolute_url)
+    else:
+        bundle = served_bundle(res)
+        render_items = [RenderItem(token=token, elementid=element_id, use_for_title=False)]
+        bundle.add(Script(script_for_render_items({}, render_items, app_path=app_url_path, absolute_url=absolute_url)))
+        js = AUTOLOAD_JS.render(bundle=bundle, elementid=element_id)
     response = Response(js, mimetype="application/javascript")
     if origin and request.cookies:
         response.headers["Access-Control-Allow-Origin"] = origin
@@ -313,6 +329,26 @@ def app_static(app_path: str, filename: str) -> Response:
 def bokehjs_static(filename: str) -> Response:
     max_age = LONG_CACHE_SECONDS if request.args.get("v") else None
     return send_from_directory(bokeh_settings.bokehjs_path(), filename, max_age=max_age)
+
+
+def favicon() -> Response:
+    """Panel's icon when Panel is in use (its pages link it), else Bokeh's."""
+    ico = panel.favicon_path() or os.path.join(os.path.dirname(bokeh_settings.ico_path()), "bokeh.ico")
+    if not os.path.isfile(ico):
+        return _refuse(404, "No favicon")
+    return send_file(ico, mimetype="image/x-icon", max_age=86400)
+
+
+def panel_component(path: str) -> Response:
+    """A file a Panel component lists as its own (``panel serve``'s ``/components/``)."""
+    try:
+        filename = panel.component_file(path)
+    except panel.ComponentRefused as exc:
+        log.info("Refused Panel component asset %s (%d): %s", path, exc.status, exc.reason)
+        return _refuse(exc.status, f"Component asset {path}: {exc.reason}")
+    if not os.path.isfile(filename):
+        return _refuse(404, f"Component asset {path}: no such file")
+    return send_file(filename)
 
 
 def extension_static(filename: str) -> Response:
@@ -556,6 +592,10 @@ def make_blueprint(
     bp.add_url_rule("/_stats", "stats", stats)
     bp.add_url_rule("/static/extensions/<path:filename>", "extension_static", extension_static)
     bp.add_url_rule("/static/<path:filename>", "bokehjs_static", bokehjs_static)
+    bp.add_url_rule("/components/<path:path>", "panel_component", panel_component)
+    if url_prefix:
+        # Panel's pages link <root>/favicon.ico; at the site's root it is the host app's.
+        bp.add_url_rule("/favicon.ico", "favicon", favicon)
     bp.add_url_rule("/ws", "root_ws", guarded(ws), websocket=True)
     bp.add_url_rule("/autoload.js", "root_autoload_js", guarded(autoload_js), methods=["GET", "OPTIONS"])
     bp.add_url_rule("/metadata", "root_metadata", guarded(metadata))

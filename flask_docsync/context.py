@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import urllib.parse
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -205,6 +206,7 @@ class ApplicationContext:
         logout_url: str | None = None,
         scheduler_factory: Callable[..., Any] | None = None,
         on_session_created: Callable[[ServerSession], None] | None = None,
+        url_root: str | None = None,
     ) -> None:
         compat.install()
         if not any(isinstance(h, DocumentLifecycleHandler) for h in application.handlers):
@@ -218,6 +220,11 @@ class ApplicationContext:
         self.logout_url = logout_url
         self.scheduler_factory = scheduler_factory
         self._on_session_created = on_session_created
+        #: Where the server's routes are, below the request's script root
+        #: (``""`` or a URL prefix such as ``"/docsync"``; its static files
+        #: are under ``<url_root>/static/``). ``None``: not served over HTTP
+        #: (unit tests), so no URL is given to the app's document.
+        self.url_root = url_root
         #: The callbacks run by this app's sessions.
         self.callback_stats = CallbackStats()
         self.server_context = ServerContext(self)
@@ -316,7 +323,7 @@ class ApplicationContext:
 
         try:
             with scope():
-                panel.prepare()
+                panel.prepare(doc, self._root_for(request))
                 self._run_session_hooks("on_session_created", context)
                 lock = self._script_lock or contextlib.nullcontext()
                 with lock, compat.curdoc_as(doc):
@@ -344,6 +351,24 @@ class ApplicationContext:
         context._session = session
         self.server_context._session_contexts[session_id] = context
         return session
+
+    def _root_for(self, request: RequestData) -> str | None:
+        """The URL of the server's root as the page of this session reaches it.
+
+        A path (script root and URL prefix), or with scheme and host when
+        the page is on another site and loads the app through
+        ``autoload.js`` (which sends ``bokeh-absolute-url``). ``None``
+        when :attr:`url_root` is.
+        """
+        if self.url_root is None:
+            return None
+        origin = ""
+        absolute = request.arguments.get("bokeh-absolute-url")
+        if absolute:
+            parsed = urllib.parse.urlsplit(absolute[0].decode("utf-8", "replace"))
+            if parsed.scheme in ("http", "https") and parsed.netloc:
+                origin = f"{parsed.scheme}://{parsed.netloc}"
+        return origin + request.script_root + self.url_root
 
     def _run_session_hooks(self, name: str, context: SessionContext) -> None:
         # Called per handler rather than through Application so that an

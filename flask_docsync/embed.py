@@ -17,12 +17,14 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from bokeh.core.templates import CSS_RESOURCES, JS_RESOURCES
+from bokeh.embed.bundle import Bundle
 from bokeh.embed.elements import script_for_render_items
 from bokeh.embed.util import RenderItem
-from flask import current_app, render_template, request
+from flask import current_app, g, render_template, request
 from markupsafe import Markup
 
-from .blueprint import create_session, page_resources, resources
+from .blueprint import create_session, page_bundle, page_resources, resources
 from .errors import SessionError
 
 if TYPE_CHECKING:
@@ -32,14 +34,48 @@ if TYPE_CHECKING:
 def docsync_resources() -> Markup:
     """The script and style tags of BokehJS and of every Bokeh extension
     imported in this process (Panel's among them), all from this app,
-    never a CDN; once per page.
+    never a CDN; once per page, in its ``<head>``.
 
-    As on the app pages, every extension is included rather than those of
-    the documents on this page: a model an app adds later (a Panel widget
-    that is loaded lazily) must be known to the browser when it arrives.
+    As on the app pages, every extension known is included rather than
+    those of the documents on this page. An app may import more (a Panel
+    app's first session imports Panel, a widget Panel loads lazily such as
+    Tabulator brings its library) while the body renders; each
+    :func:`docsync_document` adds what the head lacked just before its
+    document, so the page needs nothing else.
     """
+    bundle = page_bundle(resources())
+    _sent().update(_parts(bundle))
     js, css = page_resources(resources())
     return Markup(render_template("docsync/resources.html", js=Markup(js), css=Markup(css)))
+
+
+def _sent() -> set[tuple[str, str]]:
+    """What this response has already loaded: ``(kind, url or code)`` pairs."""
+    if not hasattr(g, "_docsync_resources"):
+        g._docsync_resources = set()
+    sent: set[tuple[str, str]] = g._docsync_resources
+    return sent
+
+
+def _parts(bundle: Bundle) -> list[tuple[str, str]]:
+    return ([("css", str(url)) for url in bundle.css_files] + [("css_raw", raw) for raw in bundle.css_raw]
+            + [("js", str(url)) for url in bundle.js_files] + [("js_raw", raw) for raw in bundle.js_raw])
+
+
+def _missing_resources() -> Markup:
+    """Tags for what the document about to be embedded needs and the page has not loaded yet."""
+    bundle = page_bundle(resources())
+    sent = _sent()
+    missing = [part for part in _parts(bundle) if part not in sent]
+    sent.update(missing)
+    if not missing:
+        return Markup("")
+    kinds: dict[str, list[str]] = {"css": [], "css_raw": [], "js": [], "js_raw": []}
+    for kind, value in missing:
+        kinds[kind].append(value)
+    css = CSS_RESOURCES.render(css_files=kinds["css"], css_raw=kinds["css_raw"])
+    js = JS_RESOURCES.render(js_files=kinds["js"], js_raw=kinds["js_raw"], hashes=bundle.hashes)
+    return Markup(css + js)
 
 
 def docsync_document(route: str, arguments: dict[str, Any] | None = None) -> Markup:
@@ -84,4 +120,5 @@ def docsync_session(session: ServerSession, route: str | None = None) -> Markup:
     )
     return Markup(render_template(
         "docsync/embed.html", element_id=element_id, route=route, script=Markup(script),
+        resources=_missing_resources(),
     ))

@@ -30,12 +30,17 @@ log = logging.getLogger(__name__)
 _os_thread_ident = gevent.monkey.get_original("_thread", "get_ident")
 
 #: Private names of ``panel.io.state.state`` this module reads or replaces.
-PANEL_NAMES = ("_current_thread", "_thread_id_", "_schedule_on_load", "_loaded", "_connected")
+PANEL_NAMES = (
+    "_current_thread", "_thread_id_", "_schedule_on_load", "_loaded", "_connected", "_rel_paths", "_base_urls",
+)
 #: What Panel's ``pn.io.unlocked()`` calls to write to a connection of a
 #: server other than Tornado's (``panel.io.document``).
 PANEL_DOCUMENT_NAMES = ("extra_socket_handlers",)
 
 _installed = False
+
+#: The server's root URL of each document built by :func:`prepare`.
+_roots: weakref.WeakKeyDictionary[Document, str] = weakref.WeakKeyDictionary()
 
 
 def active() -> bool:
@@ -90,6 +95,9 @@ def install() -> None:
     from .connection import ServerConnection
 
     extra_socket_handlers[ServerConnection] = _write
+    from panel.io.application import Application as PanelApplication
+
+    PanelApplication._set_session_prefix = _session_prefix(PanelApplication._set_session_prefix)
     cls._current_thread = property(_os_current_thread)  # type: ignore[attr-defined]
     ids = _OsThreadIds()
     for doc, ident in list(state._thread_id_.items()):
@@ -127,10 +135,138 @@ def _write(conn: Any, events: list[Any] | None = None, msg: Any = None) -> list[
     return []
 
 
-def prepare() -> None:
-    """Before a session's document is built: adapt Panel if it has been imported."""
-    if active():
-        install()
+def _session_prefix(panels: Any) -> Any:
+    """Panel's ``Application._set_session_prefix``, told where our routes are.
+
+    Panel works out the root of its server from the request path and the
+    app's route, and gives paths relative to the page; it cannot know a
+    Flask app's script root or our URL prefix, and a page of the host app
+    that embeds a document is anywhere. For documents :func:`prepare`
+    placed, the root it was given is used instead.
+    """
+
+    @functools.wraps(panels)
+    def set_session_prefix(self: Any, doc: Document) -> None:
+        root = _roots.get(doc)
+        if root is None:
+            panels(self, doc)
+        else:
+            _place(doc, root)
+
+    return set_session_prefix
+
+
+def _place(doc: Document, root: str) -> None:
+    from panel.io.resources import LOCAL_DIST
+    from panel.io.state import state
+
+    # What Panel's state.rel_path / state.base_url give while ``doc`` is
+    # current: Panel prefixes its bundles, stylesheets and component
+    # assets with the first, and links to its pages (login, logout) with
+    # the second.
+    state._rel_paths[doc] = root
+    state._base_urls[doc] = root + "/"
+    # Read when Panel creates a model's stylesheets, so they are ours
+    # rather than its CDN's from the start.
+    doc._template_variables["dist_url"] = f"{root}/{LOCAL_DIST}"
+
+
+def prepare(doc: Document | None = None, root: str | None = None) -> None:
+    """Before a session's document is built: adapt Panel if it has been imported.
+
+    :param root: Where the server's routes are as the session's page
+        reaches them (``/docsync``, ``/site/docsync``, or with scheme and
+        host for ``autoload.js`` on another site). Panel's scripts,
+        stylesheets and component assets of the document are given under
+        it. ``None`` or ``""`` (a server at the site's root) leaves Panel's
+        own paths relative to the page, as ``panel serve`` has them.
+    """
+    if not active():
+        return
+    install()
+    if doc is not None and root:
+        _roots[doc] = root
+        _place(doc, root)
+
+
+def is_panel_document(doc: Document) -> bool:
+    """Whether ``doc`` shows Panel objects (Panel then renders its page)."""
+    return active() and any(type(root).__module__.startswith("panel.") for root in doc.roots)
+
+
+def page_html(session: Any, resources: Any) -> str:
+    """The page of a session whose document is Panel's, rendered by Panel.
+
+    Panel's page template, its stylesheets from our static route (Panel
+    points every model's stylesheets at the bundle directory here rather
+    than at its CDN), the scripts and modules its models declare, and the
+    loading spinner when ``pn.config.global_loading_spinner`` is set.
+
+    :param resources: Bokeh's resources for this request (ours).
+    """
+    from panel.io.resources import Resources as PanelResources
+    from panel.io.server import server_html_page_for_session
+    from panel.io.state import set_curdoc
+
+    with session.locked() as doc, set_curdoc(doc):
+        return str(server_html_page_for_session(
+            session, resources=PanelResources.from_bokeh(resources), title=doc.title,
+            token=session.token, template=doc.template, template_variables=doc.template_variables,
+        ))
+
+
+def autoload_js(session: Any, resources: Any, element_id: str, app_path: str, absolute_url: str | None) -> str:
+    """``autoload.js`` for a session whose document is Panel's, with Panel's bundle."""
+    from panel.io.server import autoload_js_script
+    from panel.io.state import set_curdoc
+
+    with session.locked() as doc, set_curdoc(doc):
+        return str(autoload_js_script(
+            doc, resources, session.token, element_id, app_path, absolute_url, absolute=bool(absolute_url),
+        ))
+
+
+def favicon_path() -> str | None:
+    """Panel's icon, or ``None`` when Panel is not in use."""
+    if not active():
+        return None
+    from panel.io.resources import DIST_DIR
+
+    return str(DIST_DIR / "images" / "favicon.ico")
+
+
+class ComponentRefused(Exception):
+    """A ``/components/`` request Panel's rules refuse; ``status`` is the HTTP status."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def component_file(path: str) -> str:
+    """The file of a Panel component asset, ``<module>/<Class>/<attribute>/<file>``.
+
+    Panel's own resolution: only files the component lists in one of its
+    resource attributes are served. Unlike ``panel serve``, a module that
+    is not imported yet is not imported on a client's request (importing
+    is code running on behalf of whoever sends the URL); a component in
+    use is imported already.
+
+    :raise ComponentRefused: with Panel's status (400, 403, 404).
+    """
+    if not active():
+        raise ComponentRefused(404, "Panel is not used by this server")
+    module = path.split("/", 1)[0]
+    if module not in sys.modules:
+        raise ComponentRefused(404, f"No component module {module!r} is loaded")
+    from panel.io.server import ComponentResourceHandler
+    from tornado.web import HTTPError
+
+    try:
+        return str(ComponentResourceHandler.parse_url_path(ComponentResourceHandler, path))  # type: ignore[arg-type]
+    except HTTPError as exc:
+        raise ComponentRefused(exc.status_code, exc.log_message or exc.reason or "refused") from None
 
 
 def adopt(doc: Document, application: Any) -> None:

@@ -87,6 +87,7 @@ class DocSyncServer:
         context = ApplicationContext(
             application, route, self.app_scope, logout_url, scheduler_factory=self._make_scheduler,
             on_session_created=functools.partial(self._session_created, route),
+            url_root=self.settings.url_prefix,
         )
         self.contexts[route] = context
         return context

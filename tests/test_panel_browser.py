@@ -12,6 +12,7 @@ import importlib.util
 import sys
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -26,6 +27,9 @@ expect = sync_api.expect
 expect.set_options(timeout=TIMEOUT_MS)
 
 PANEL_APPS = APPS / "panel"
+#: Hosts a page may reach: ours. A template's web fonts are requested by
+#: ``panel serve`` too and are excepted by resource type.
+LOCAL_HOSTS = {"127.0.0.1"}
 
 
 @pytest.fixture(scope="module")
@@ -36,30 +40,66 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def page(browser: Any) -> Iterator[Any]:
+    """A fresh page that records script errors and every request for a host other than ours."""
     context = browser.new_context()
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     errors: list[str] = []
+    external: list[str] = []
+    requested: list[str] = []
+
+    def on_request(request: Any) -> None:
+        requested.append(request.url)
+        host = urlsplit(request.url).hostname
+        if host is not None and host not in LOCAL_HOSTS and request.resource_type != "font":
+            external.append(request.url)
+
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("request", on_request)
     page.errors = errors  # type: ignore[attr-defined]
+    page.external = external  # type: ignore[attr-defined]
+    page.requested = requested  # type: ignore[attr-defined]
     yield page
     context.close()
+
+
+def start(kind: str, app: str, route: str, prefix: str = "/docsync") -> tuple[RunningServer, str]:
+    """Serve ``tests/apps/panel/<app>.py``; return the server and the app page's URL.
+
+    ``serve``: ``flask-docsync serve``. ``host``: the Flask site of
+    host_app.py (imports Panel first) on ``gunicorn -k gevent``, its
+    DocSync under ``prefix``. ``panel``: ``panel serve``, the reference.
+    """
+    port = free_port()
+    script = str(PANEL_APPS / f"{app}.py")
+    if kind == "serve":
+        cmd = [sys.executable, "-m", "flask_docsync", "serve", "--port", str(port), "--address", "127.0.0.1", script]
+        server = RunningServer(cmd, port)
+        return server, f"{server.url}/{app}"
+    if kind == "panel":
+        cmd = [sys.executable, "-m", "panel", "serve", "--port", str(port), "--address", "127.0.0.1",
+               "--allow-websocket-origin", f"127.0.0.1:{port}", script]
+        server = RunningServer(cmd, port)
+        return server, f"{server.url}/{app}"
+    cmd = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1", "--bind", f"127.0.0.1:{port}",
+           "--chdir", str(PANEL_APPS), "host_app:create_app()"]
+    server = RunningServer(cmd, port, env={"HOST_URL_PREFIX": prefix})
+    return server, f"{server.url}{prefix}{route}/"
+
+
+def assert_clean(page: Any, server: RunningServer) -> None:
+    """No script error, nothing fetched from another host, no traceback or thread warning in the log."""
+    assert not page.errors, page.errors
+    assert not page.external, page.external
+    log = server.log()
+    assert "Traceback" not in log, log[-3000:]
+    assert "unlocked decorator" not in log, log[-3000:]
 
 
 @pytest.fixture(params=["serve", "host"])
 def onload_server(request: Any) -> Iterator[tuple[RunningServer, str]]:
     """The onload app under ``flask-docsync serve``, or in a Flask site that imports Panel first."""
-    port = free_port()
-    if request.param == "serve":
-        cmd = [sys.executable, "-m", "flask_docsync", "serve", "--port", str(port), "--address", "127.0.0.1",
-               str(PANEL_APPS / "onload_app.py")]
-        server = RunningServer(cmd, port)
-        url = f"{server.url}/onload_app"
-    else:
-        cmd = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1", "--bind", f"127.0.0.1:{port}",
-               "--chdir", str(PANEL_APPS), "host_app:create_app()"]
-        server = RunningServer(cmd, port)
-        url = f"{server.url}/docsync/onload/"
+    server, url = start(request.param, "onload_app", "/onload")
     try:
         yield server, url
     finally:
@@ -69,7 +109,7 @@ def onload_server(request: Any) -> Iterator[tuple[RunningServer, str]]:
 def test_onload_hold_and_periodic_callbacks_reach_the_browser(onload_server, page):
     """``pn.state.onload`` runs once the page is up, after which
     ``pn.state.loaded`` is true; rows appended inside ``pn.io.hold()`` from a button appear; a periodic
-    callback with a count runs to its end; Panel does not warn about threads."""
+    callback with a count runs to its end; Panel does not warn about threads; every asset is ours."""
     server, url = onload_server
     response = page.goto(url)
     assert response is not None and response.status == 200, response and response.status
@@ -80,7 +120,52 @@ def test_onload_hold_and_periodic_callbacks_reach_the_browser(onload_server, pag
     expect(page.get_by_text("row 1 loaded=True")).to_be_visible()
     button.click()
     expect(page.get_by_text("row 2 loaded=True")).to_be_visible()
-    assert not page.errors, page.errors
-    log = server.log()
-    assert "Traceback" not in log, log[-3000:]
-    assert "unlocked decorator" not in log, log[-3000:]
+    assert_clean(page, server)
+
+
+def check_assets_app(page: Any) -> None:
+    """The JSComponent is drawn with its own stylesheet; a Tabulator added later shows its rows."""
+    fancy = page.locator(".fancy-label")
+    expect(fancy).to_have_text("fancy ready")
+    expect(fancy).to_have_css("color", "rgb(1, 2, 3)")
+    page.get_by_role("button", name="add a table").click()
+    expect(page.get_by_text("Oslo")).to_be_visible()
+    expect(page.get_by_text("Lima")).to_be_visible()
+
+
+@pytest.mark.parametrize("kind", ["serve", "host", "panel"])
+def test_component_assets_and_lazily_loaded_models_come_from_the_server(kind, page):
+    """A component's stylesheet file (``/components/``), Panel's stylesheets and a
+    Tabulator loaded after the page is up: all from the app's server, styled,
+    with ``panel serve`` as the reference; under a two-level URL prefix in the Flask site."""
+    server, url = start(kind, "assets_app", "/assets", prefix="/apps/panel")
+    try:
+        response = page.goto(url)
+        assert response is not None and response.status == 200, response and response.status
+        check_assets_app(page)
+        assert any("/components/docsync_fancy/Fancy/_stylesheets/docsync_fancy.css" in u for u in page.requested)
+        assert any("/static/extensions/panel/css/" in u for u in page.requested), page.requested
+        assert_clean(page, server)
+    finally:
+        server.stop()
+
+
+def test_panel_apps_embedded_in_a_page_of_the_flask_site(page):
+    """Two Panel apps in one of the site's own pages, under a URL prefix:
+    ``docsync_resources()`` in the head and ``docsync_document()`` for each,
+    nothing else; onload, held appends, component assets and a lazily loaded
+    Tabulator all work, and every request stays on our server."""
+    server, _ = start("host", "assets_app", "/assets", prefix="/apps/panel")
+    try:
+        response = page.goto(f"{server.url}/site/dashboard")
+        assert response is not None and response.status == 200, response and response.status
+        expect(page.get_by_role("heading", name="Our dashboard")).to_be_visible()
+        expect(page.get_by_text("onload ran")).to_be_visible()
+        page.get_by_role("button", name="add a row").click()
+        expect(page.get_by_text("row 1 loaded=True")).to_be_visible()
+        check_assets_app(page)
+        assert all(urlsplit(u).path.startswith(("/site/", "/apps/panel/")) for u in page.requested
+                   if urlsplit(u).hostname == "127.0.0.1"), page.requested
+        assert_clean(page, server)
+    finally:
+        server.stop()
