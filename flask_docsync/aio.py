@@ -17,6 +17,7 @@ from typing import Any
 
 import gevent
 import gevent.event
+import gevent.monkey
 import gevent.selectors
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -44,13 +45,86 @@ class _Selector(gevent.selectors.GeventSelector):
             asyncio._set_running_loop(own)
 
 
+def _wake() -> None:
+    pass
+
+
+class _Loop(asyncio.SelectorEventLoop):
+    """The process's asyncio loop, which any greenlet may schedule on.
+
+    asyncio expects ``call_soon``/``call_later`` from the loop's own thread,
+    where the loop is not waiting meanwhile. Another greenlet of that thread
+    can call them while the loop's greenlet waits in ``select`` with a
+    timeout computed before: the new callback would wait for the next
+    unrelated event. Scheduling from elsewhere therefore also wakes the
+    loop, as ``call_soon_threadsafe`` does.
+    """
+
+    def call_soon(self, callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:
+        if on_loop():
+            return super().call_soon(callback, *args, context=context)
+        return self.call_soon_threadsafe(callback, *args, context=context)
+
+    def call_at(self, when: float, callback: Any, *args: Any, context: Any = None) -> asyncio.TimerHandle:
+        handle = super().call_at(when, callback, *args, context=context)
+        if not on_loop():
+            self.call_soon_threadsafe(_wake)
+        return handle
+
+
 def _ensure_loop() -> asyncio.AbstractEventLoop:
     global _loop, _runner
     if _loop is None or _loop.is_closed() or _runner is None or _runner.dead:
-        _loop = asyncio.SelectorEventLoop(_Selector())
+        _loop = _Loop(_Selector())
         _runner = gevent.spawn(_loop.run_forever)
         _runner.name = "flask_docsync asyncio loop"
+        global _loop_thread
+        _loop_thread = _os_thread_ident()
+        _install_policy()
     return _loop
+
+
+#: The OS thread the loop runs on (its greenlets share it).
+_loop_thread: int | None = None
+_os_thread_ident = gevent.monkey.get_original("_thread", "get_ident")
+
+
+def _install_policy() -> None:
+    """Make the running loop the default one of its OS thread.
+
+    ``asyncio.get_event_loop()`` outside a coroutine, and so Tornado's
+    ``IOLoop.current()``, then give the loop that runs in every greenlet,
+    as they do inside a Tornado server: Panel schedules its tasks on
+    ``IOLoop.current()``, and apps written for Bokeh's server use it too.
+    Without this they got a loop that nobody runs, and their callbacks
+    never ran. Under gevent's monkey-patching the default policy keeps its
+    loop per greenlet, so setting it once would not do. Other OS threads
+    (``--num-threads``) keep asyncio's usual behaviour.
+    """
+    current = asyncio.get_event_loop_policy()
+    if isinstance(current, _GreenletsShareTheLoop):
+        return
+    asyncio.set_event_loop_policy(_GreenletsShareTheLoop())
+
+
+class _GreenletsShareTheLoop(asyncio.DefaultEventLoopPolicy):  # type: ignore[misc,valid-type]
+    def get_event_loop(self) -> asyncio.AbstractEventLoop:
+        if _loop is not None and not _loop.is_closed() and _os_thread_ident() == _loop_thread:
+            return _loop
+        return super().get_event_loop()
+
+
+def loop() -> asyncio.AbstractEventLoop:
+    """The process's asyncio loop, started if it is not running."""
+    return _ensure_loop()
+
+
+def tornado_loop() -> Any:
+    """Tornado's ``IOLoop`` on :func:`loop` (what ``IOLoop.current()`` gives here)."""
+    from tornado.ioloop import IOLoop
+
+    _ensure_loop()
+    return IOLoop.current()
 
 
 #: Seconds a killed greenlet waits for the coroutine it was waiting for to

@@ -13,6 +13,7 @@ from bokeh.application import Application
 from bokeh.application.handlers.function import FunctionHandler
 from bokeh.command.util import build_single_handler_application
 
+from . import panel
 from .errors import ConfigurationError
 
 AppTarget = Union[Callable[..., Any], Application, str, "os.PathLike[str]"]
@@ -25,6 +26,11 @@ def normalize_route(route: str) -> str:
     stripped = route.strip().strip("/")
     if any(part in ("", ".", "..") for part in stripped.split("/")) and stripped:
         raise ConfigurationError(f"App route {route!r} has an empty or relative segment.")
+    if stripped.split("/")[0] in ("components", "favicon.ico"):
+        raise ConfigurationError(
+            f"App route {route!r} starts with {stripped.split('/')[0]!r}, where the server serves"
+            " Panel's component assets and its icon; choose another name."
+        )
     for reserved in ("static", "ws", "autoload.js", "metadata"):
         if stripped.split("/")[-1] == reserved:
             raise ConfigurationError(
@@ -37,19 +43,25 @@ def route_for_path(path: str) -> str:
     """The route ``bokeh serve`` gives a script or directory: its base name."""
     base = os.path.basename(os.path.normpath(str(path)))
     name, ext = os.path.splitext(base)
-    return "/" + (name if ext in (".py", ".ipynb") else base)
+    return "/" + (name if ext in (".py", ".ipynb", ".md") else base)
 
 
 def build_application(target: AppTarget, argv: Sequence[str] = ()) -> Application:
     """Make a Bokeh ``Application`` from a registered target.
 
     :param target: A ``modify_doc(doc)`` function, an ``Application``, or the
-        path of a ``.py`` script, ``.ipynb`` notebook or app directory.
+        path of a ``.py`` script, ``.ipynb`` notebook or app directory; with
+        Panel installed also a Panel object, a function without arguments
+        that returns one, or a ``.md`` file (as ``pn.serve`` takes them).
     :param argv: ``sys.argv[1:]`` seen by a script or directory app
         (``bokeh serve --args``).
     """
     if isinstance(target, Application):
         app = target
+    elif panel.is_panel_target(target):
+        if isinstance(target, (str, os.PathLike)) and not os.path.isfile(os.fspath(target)):
+            raise ConfigurationError(f"App path {os.fspath(target)!r} does not exist.")
+        app = panel.build_application(target)
     elif isinstance(target, (str, os.PathLike)):
         path = os.path.abspath(os.fspath(target))
         if not os.path.exists(path):

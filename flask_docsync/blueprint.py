@@ -368,6 +368,7 @@ def index() -> Response:
     if not settings.index:
         abort(404)
     routes = sorted(server.routes())
+    titles = dict(settings.index_titles)
     prefix = request.script_root + settings.url_prefix
     if len(routes) == 1 and settings.index_redirect:
         return redirect(prefix + routes[0], code=302)
@@ -375,8 +376,9 @@ def index() -> Response:
         with open(settings.index_template, encoding="utf-8") as f:
             source = f.read()
         return Response(current_app.jinja_env.from_string(source).render(
-            prefix=prefix, items=routes), mimetype="text/html")
-    return Response(render_template("docsync/index.html", prefix=prefix, items=routes), mimetype="text/html")
+            prefix=prefix, items=routes, titles=titles), mimetype="text/html")
+    return Response(render_template("docsync/index.html", prefix=prefix, items=routes, titles=titles),
+                    mimetype="text/html")
 
 
 def ws(app_path: str = "") -> Response:

@@ -71,6 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Trust X-Forwarded-For/-Proto/-Host/-Prefix from one proxy in front.")
     p.add_argument("--num-procs", type=int, default=1,
                    help="Worker processes (gunicorn gevent workers); 0 means one per core.")
+    # panel serve's options that apply here (Panel apps; --warm for any app).
+    p.add_argument("--setup", metavar="SCRIPT", default=None,
+                   help="A Python script run in each server process before it serves (e.g. to schedule"
+                        " tasks with pn.state.schedule_task), as with panel serve.")
+    p.add_argument("--warm", action="store_true",
+                   help="Run each app once at start-up, so the first visitor does not wait for its imports.")
+    p.add_argument("--static-dirs", nargs="+", default=None, metavar="ROUTE=DIRECTORY",
+                   help="Directories to serve files from, each at /ROUTE/ under the prefix.")
+    p.add_argument("--index-titles", nargs="+", default=None, metavar="ROUTE=TITLE",
+                   help="Titles the index page shows for apps.")
+    p.add_argument("--num-threads", type=int, default=None, metavar="N",
+                   help="Panel's thread pool for callbacks (pn.config.nthreads; greenlets under gevent).")
+    p.add_argument("--global-loading-spinner", action="store_true",
+                   help="Panel's loading spinner over each page until it is ready.")
     p.add_argument("--args", nargs=argparse.REMAINDER, default=[], metavar="...",
                    help="Arguments for the apps' sys.argv (must come last).")
     return parser
@@ -160,6 +174,10 @@ def create_app(options: argparse.Namespace, port: int | None = None) -> Any:
     settings["index"] = not options.disable_index
     settings["index_redirect"] = not options.disable_index_redirect
     settings["index_template"] = options.index
+    if options.index_titles:
+        settings["index_titles"] = dict(_pairs(options.index_titles, "--index-titles"))
+    if options.warm:
+        settings["warm"] = True
     # As config keys, so they win over DOCSYNC_* variables from the environment.
     app.config.update({"DOCSYNC_" + key.upper(): value for key, value in settings.items()})
     docsync = DocSync()
@@ -185,13 +203,85 @@ def create_app(options: argparse.Namespace, port: int | None = None) -> Any:
 
         @app.route("/favicon.ico")
         def favicon() -> Any:
-            if not os.path.exists(ico):
+            from .panel import favicon_path
+
+            # panel serve's default icon is Panel's.
+            path = (favicon_path() or ico) if options.ico_path == "default" else ico
+            if not os.path.exists(path):
                 abort(404)
-            return send_file(ico, mimetype="image/x-icon", max_age=86400)
+            return send_file(path, mimetype="image/x-icon", max_age=86400)
+
+    for route, directory in _pairs(options.static_dirs or (), "--static-dirs"):
+        _serve_directory(app, options.prefix, route, directory)
+    _configure_panel(options)
+    if options.setup:
+        _run_setup(options.setup)
 
     if options.use_xheaders:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_prefix=1)  # type: ignore[method-assign]
     return app
+
+
+def _pairs(items: Sequence[str], flag: str) -> list[tuple[str, str]]:
+    from .errors import ConfigurationError
+
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip("/ ") or not value:
+            raise ConfigurationError(f"{flag} takes NAME=VALUE pairs, got {item!r}.")
+        pairs.append((key.strip().strip("/"), value))
+    return pairs
+
+
+def _serve_directory(app: Any, prefix: str, route: str, directory: str) -> None:
+    from flask import send_from_directory
+
+    from .errors import ConfigurationError
+
+    folder = os.path.abspath(directory)
+    if not os.path.isdir(folder):
+        raise ConfigurationError(f"--static-dirs {route}={directory}: no such directory.")
+    base = "/" + prefix.strip("/") if prefix.strip("/") else ""
+
+    def files(filename: str) -> Any:
+        return send_from_directory(folder, filename)  # refuses paths outside the folder
+
+    endpoint = "static_dir_" + "".join(c if c.isalnum() else "_" for c in route)
+    app.add_url_rule(f"{base}/{route}/<path:filename>", endpoint, files)
+
+
+def _configure_panel(options: argparse.Namespace) -> None:
+    if options.num_threads is None and not options.global_loading_spinner:
+        return
+    from .errors import ConfigurationError
+
+    try:
+        import panel as pn
+    except ImportError:
+        raise ConfigurationError(
+            "--num-threads and --global-loading-spinner are Panel's; install it: pip install 'flask-docsync[panel]'"
+        ) from None
+    if options.num_threads is not None:
+        pn.config.nthreads = options.num_threads
+    if options.global_loading_spinner:
+        pn.config.global_loading_spinner = True
+
+
+def _run_setup(path: str) -> None:
+    """Run ``--setup`` as Panel does: its functions belong to a module of its
+    own, not to an app (``pn.state.schedule_task`` refuses an app's)."""
+    import runpy
+
+    from .errors import ConfigurationError
+
+    if not os.path.isfile(path):
+        raise ConfigurationError(f"--setup {path}: no such file.")
+    try:
+        runpy.run_path(path, run_name="docsync_setup")
+    except Exception as exc:
+        logging.getLogger("flask_docsync.cli").exception("--setup %s failed", path)
+        raise ConfigurationError(f"--setup {path} failed: {exc}") from exc
 
 
 def _configure_logging(options: argparse.Namespace) -> None:

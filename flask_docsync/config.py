@@ -114,6 +114,14 @@ class Settings:
     index_template: str | None = None
     #: With a single app, redirect the index to it as Bokeh does.
     index_redirect: bool = True
+    #: Titles the index shows for app routes (``--index-titles``), as
+    #: ``(route, title)`` pairs; a route without one shows its path.
+    index_titles: tuple[tuple[str, str], ...] = ()
+    #: Run each app once when the server starts, into a document nobody
+    #: sees and no session hook hears of (``--warm``, as ``panel serve``
+    #: has it), so the imports of its first run are done before the first
+    #: visitor waits for them.
+    warm: bool = False
     #: Give the memory of discarded sessions back to the system
     #: (:mod:`flask_docsync.reclaim`): freeze the heap as it is when the
     #: server starts out of garbage collection, and after cleanup passes
@@ -289,6 +297,19 @@ def _list(value: Any, key: str) -> tuple[str, ...] | None:
     )
 
 
+def _titles(value: Any, key: str) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ConfigurationError(f"{key}={value!r} is not accepted; give route=title pairs separated by commas.")
+        value = dict(pairs)
+    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return tuple(("/" + k.strip().strip("/"), v.strip()) for k, v in value.items())
+    raise ConfigurationError(f"{key}={value!r} is not accepted; give a dict of route to title, or route=title pairs.")
+
+
 def _origins(value: Any, key: str) -> tuple[str, ...]:
     origins = _list(value, key) or ()
     if origins and "*" not in origins:
@@ -324,5 +345,7 @@ _PARSERS: dict[str, Any] = {
     "index": _optional_boolean,
     "index_template": _string(none_means="the built-in index"),
     "index_redirect": _boolean,
+    "index_titles": _titles,
+    "warm": _boolean,
     "reclaim_memory": _boolean,
 }

@@ -25,6 +25,7 @@ from bokeh.application.handlers.code import CodeHandler
 from bokeh.application.handlers.directory import DirectoryHandler
 from bokeh.application.handlers.document_lifecycle import DocumentLifecycleHandler
 from bokeh.document import Document
+from bokeh.server.contexts import _RequestProxy as _BokehRequestProxy
 
 from . import aio, compat, panel
 from .errors import SessionError
@@ -62,26 +63,16 @@ class RequestData:
     user: Any = None
 
 
-class RequestProxy:
-    """``session_context.request``: the creating request, as Bokeh apps expect it."""
+class RequestProxy(_BokehRequestProxy):
+    """``session_context.request``: the creating request, as Bokeh apps expect it.
+
+    Bokeh's own proxy class, so code that checks for it (Panel's
+    ``pn.state.location``) sees the request.
+    """
 
     def __init__(self, data: RequestData) -> None:
         self._data = data
-        arguments = dict(data.arguments)
-        arguments.pop("bokeh-session-id", None)
-        self._arguments = arguments
-
-    @property
-    def arguments(self) -> dict[str, list[bytes]]:
-        return self._arguments
-
-    @property
-    def cookies(self) -> dict[str, str]:
-        return self._data.cookies
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return self._data.headers
+        super().__init__(data, arguments=dict(data.arguments), cookies=data.cookies, headers=data.headers)
 
     def __getattr__(self, name: str) -> Any:
         if not name.startswith("_"):
@@ -351,6 +342,34 @@ class ApplicationContext:
         context._session = session
         self.server_context._session_contexts[session_id] = context
         return session
+
+    def warm(self) -> None:
+        """Run the app once into a document that is thrown away (``--warm``).
+
+        The document has a session context and a request without
+        arguments, as a page view would; no session exists, no session
+        hook runs and no callback it adds is ever called. An app that
+        fails this way is logged and served as usual.
+        """
+        doc = Document()
+        context = SessionContext(self.server_context, "warm-up", RequestData(), {}, doc, self.logout_url)
+        compat.set_session_context(doc, context)
+
+        def nobody(event: Any) -> None:
+            pass  # Document.destroy() removes the session's change receiver; this stands for it
+
+        doc.on_change(nobody)
+        try:
+            with self.app_scope(None):
+                panel.prepare(doc, None)
+                lock = self._script_lock or contextlib.nullcontext()
+                with lock, compat.curdoc_as(doc):
+                    self.application.initialize_document(doc)
+        except (Exception, SystemExit):
+            log.warning("App %s: warming up failed; its sessions are made as usual", self.url, exc_info=True)
+        finally:
+            compat.set_session_context(doc, None)
+            compat.destroy_document(doc, nobody)
 
     def _root_for(self, request: RequestData) -> str | None:
         """The URL of the server's root as the page of this session reaches it.

@@ -14,14 +14,22 @@ relies on are listed in :data:`PANEL_NAMES` and checked by the test suite.
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.util
+import inspect
 import logging
+import os
 import sys
 import threading
+import types
 import weakref
 from typing import Any
 
 import gevent.monkey
 from bokeh.document import Document
+
+from . import aio
+from .errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,7 @@ _os_thread_ident = gevent.monkey.get_original("_thread", "get_ident")
 #: Private names of ``panel.io.state.state`` this module reads or replaces.
 PANEL_NAMES = (
     "_current_thread", "_thread_id_", "_schedule_on_load", "_loaded", "_connected", "_rel_paths", "_base_urls",
+    "_ioloop", "_scheduled",
 )
 #: What Panel's ``pn.io.unlocked()`` calls to write to a connection of a
 #: server other than Tornado's (``panel.io.document``).
@@ -71,6 +80,121 @@ def _os_current_thread(self: Any) -> int:
     return _os_thread_ident()
 
 
+class _AdaptOnImport(importlib.abc.MetaPathFinder):
+    """Adapts Panel the moment it is imported (see :func:`watch`)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "panel":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)  # once: find the real one, and never again
+        spec = importlib.util.find_spec(name)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_then_adapt(module: Any) -> None:
+            exec_module(module)
+            install()
+
+        loader.exec_module = exec_then_adapt
+        return spec
+
+
+def watch() -> None:
+    """Adapt Panel now if it is imported, else as soon as anything imports it.
+
+    Called when a server is made: a Flask factory or a ``--setup`` script
+    may call ``pn.state.schedule_task`` before any session exists, and the
+    task must go to the loop that runs. A process that serves nothing
+    (a notebook using Panel) is left alone.
+    """
+    if active():
+        install()
+    elif not any(isinstance(finder, _AdaptOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AdaptOnImport())
+
+
+def _running_ioloop(self: Any) -> Any:
+    # Panel's pn.state.schedule_task calls IOLoop.current(); Tornado's loop
+    # on the asyncio loop that runs here (see aio).
+    return aio.tornado_loop()
+
+
+def _session_user(state: Any) -> Any:
+    """What the host app's ``authorize`` hook returned for the current session's request."""
+    doc = state.curdoc
+    context = doc.session_context if doc is not None else None
+    request = getattr(context, "request", None) if context is not None else None
+    user = getattr(request, "user", None) if request is not None else None
+    return None if user is True else user  # True: let in, nobody in particular
+
+
+def user_name(user: Any) -> str:
+    """The name ``pn.state.user`` gives for a user object of the host app.
+
+    A string is the name; otherwise a mapping's ``username``/``user``/
+    ``name`` key, or an object's ``username``/``name`` attribute or
+    ``get_id()`` (Flask-Login's users); otherwise ``str(user)``.
+    """
+    if isinstance(user, str):
+        return user
+    if isinstance(user, dict):
+        for key in ("username", "user", "name"):
+            if user.get(key) is not None:
+                return str(user[key])
+    for attr in ("username", "name"):
+        value = getattr(user, attr, None)
+        if isinstance(value, str):
+            return value
+    get_id = getattr(user, "get_id", None)
+    if callable(get_id):
+        return str(get_id())
+    return str(user)
+
+
+def _host_user(panels: property) -> Any:
+    # pn.state.user: Panel reads its own OAuth cookie; behind the host app's
+    # login, the user is who the authorize hook let in.
+    def user(self: Any) -> Any:
+        found = _session_user(self)
+        return user_name(found) if found is not None else panels.fget(self)  # type: ignore[misc]
+
+    return user
+
+
+def _host_user_info(panels: property) -> Any:
+    def user_info(self: Any) -> Any:
+        found = _session_user(self)
+        if found is None:
+            return panels.fget(self)  # type: ignore[misc]
+        info = dict(found) if isinstance(found, dict) else {}
+        info.setdefault("user", user_name(found))
+        info.setdefault("username", user_name(found))
+        return info
+
+    return user_info
+
+
+def _without_panels_collection(schedule_task: Any) -> Any:
+    """``pn.state.schedule_task``, except Panel's own full ``gc.collect``.
+
+    Panel schedules one a few seconds after each session it destroys. Here
+    :mod:`flask_docsync.reclaim` decides when a full collection is worth
+    its pause (within a stated budget, from the number of live sessions),
+    so Panel's is not scheduled; every other task is.
+    """
+
+    @functools.wraps(schedule_task)
+    def schedule(self: Any, name: str, callback: Any, *args: Any, **kwargs: Any) -> Any:
+        if name == "gc.collect" and getattr(callback, "__module__", "") == "panel.io.document":
+            return None
+        return schedule_task(self, name, callback, *args, **kwargs)
+
+    return schedule
+
+
 def install() -> None:
     """Adapt Panel's process-wide state to gevent; idempotent.
 
@@ -99,6 +223,10 @@ def install() -> None:
 
     PanelApplication._set_session_prefix = _session_prefix(PanelApplication._set_session_prefix)
     cls._current_thread = property(_os_current_thread)  # type: ignore[attr-defined]
+    cls._ioloop = property(_running_ioloop)  # type: ignore[attr-defined]
+    cls.user = property(_host_user(cls.user))  # type: ignore[attr-defined]
+    cls.user_info = property(_host_user_info(cls.user_info))  # type: ignore[attr-defined]
+    cls.schedule_task = _without_panels_collection(cls.schedule_task)  # type: ignore[attr-defined]
     ids = _OsThreadIds()
     for doc, ident in list(state._thread_id_.items()):
         ids[doc] = ident
@@ -169,6 +297,48 @@ def _place(doc: Document, root: str) -> None:
     # Read when Panel creates a model's stylesheets, so they are ours
     # rather than its CDN's from the start.
     doc._template_variables["dist_url"] = f"{root}/{LOCAL_DIST}"
+
+
+def is_panel_target(target: Any) -> bool:
+    """Whether ``add_app``'s ``target`` is one that only Panel can serve.
+
+    A Panel object (a component or a template), a function that takes no
+    argument and returns one (``pn.serve``'s convention; a Bokeh app
+    function takes the document), or a ``.md`` file.
+    """
+    if isinstance(target, (str, os.PathLike)):
+        return os.fspath(target).endswith(".md")
+    if isinstance(target, (types.FunctionType, types.MethodType)):
+        try:
+            parameters = inspect.signature(target).parameters.values()
+        except (TypeError, ValueError):
+            return False
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        return not any(p.default is p.empty and p.kind in positional for p in parameters)
+    if "panel" not in sys.modules:
+        return False
+    from panel.viewable import ServableMixin
+
+    return isinstance(target, ServableMixin)
+
+
+def build_application(target: Any) -> Any:
+    """Panel's ``Application`` for a target :func:`is_panel_target` accepts, built as ``pn.serve`` builds it.
+
+    :raise ConfigurationError: when Panel is not installed.
+    """
+    try:
+        from panel.io.application import build_applications
+    except ImportError:
+        raise ConfigurationError(
+            f"{target!r} is a Panel app (a function without arguments, a Panel object or a .md file),"
+            " and Panel is not installed: pip install 'flask-docsync[panel]'. A Bokeh app function"
+            " takes the document: def modify_doc(doc): ..."
+        ) from None
+    install()
+    if isinstance(target, os.PathLike):
+        target = os.fspath(target)
+    return build_applications({"/": target})["/"]
 
 
 def prepare(doc: Document | None = None, root: str | None = None) -> None:

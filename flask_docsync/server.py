@@ -23,7 +23,7 @@ from .config import Settings
 from .connection import ServerConnection
 from .context import ApplicationContext, RequestData
 from .errors import CloseCode, ConfigurationError, SessionError, TokenError, UnknownApplication
-from . import deploy, monitor, reclaim, routing, signals
+from . import deploy, monitor, panel, reclaim, routing, signals
 from .scheduler import CallbackScheduler, new_session_clock
 from .session import ServerSession, live_sessions
 from .tokens import TokenPolicy, owner_tag
@@ -82,6 +82,7 @@ class DocSyncServer:
         self._started = False
         self._stopping = False
         self._stop_hooked = False
+        panel.watch()
 
     def add_application(self, route: str, application: Any, logout_url: str | None = None) -> ApplicationContext:
         context = ApplicationContext(
@@ -159,6 +160,9 @@ class DocSyncServer:
         self.router.start(active=deploy.worker_count() > 1)
         for context in self.contexts.values():
             context.run_load_hook()
+        if self.settings.warm:
+            for context in self.contexts.values():
+                context.warm()
         self.reclaimer.start()
         settings = self.settings
         loops = [("docsync-unused-session-cleanup", settings.check_unused_sessions_ms, DocSyncServer._cleanup)]

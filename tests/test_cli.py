@@ -110,3 +110,42 @@ def test_pip_install_gives_package_data_and_console_script(tmp_path):
         assert server.get("/sliders")[0] == 200
     finally:
         server.stop()
+
+
+def test_warm_static_dirs_and_index_titles(serve, tmp_path):
+    """panel serve's --warm runs each app once before the first visitor (no
+    session made), --static-dirs serves folders and nothing outside them,
+    --index-titles names apps on the index."""
+    runs = tmp_path / "runs.log"
+    app = tmp_path / "counted.py"
+    app.write_text(
+        "import os\nfrom bokeh.io import curdoc\nfrom bokeh.models import Div\n"
+        "with open(os.environ['RUNS'], 'a') as f:\n    f.write('run\\n')\n"
+        "curdoc().add_root(Div(text='counted'))\n"
+    )
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "hello.txt").write_text("hello from a static dir")
+    (tmp_path / "secret.txt").write_text("not served")
+    server = serve(app, APPS / "sliders.py", "--warm", "--static-dirs", f"files={files}",
+                   "--index-titles", "counted=Counted runs", env={"RUNS": str(runs)})
+    assert runs.read_text() == "run\n", "the app ran once at start-up"
+    status, _, body = server.get("/")
+    assert status == 200 and b"Counted runs" in body and b">/sliders<" in body
+    assert server.get("/files/hello.txt")[2] == b"hello from a static dir"
+    assert server.get("/files/../secret.txt")[0] == 404
+    assert server.get("/files/%2e%2e/secret.txt")[0] == 404
+    assert server.get("/counted")[0] == 200
+    assert runs.read_text() == "run\nrun\n"
+    assert "Traceback" not in server.log()
+
+
+def test_panel_options_and_setup_errors_are_startup_errors(tmp_path):
+    broken = tmp_path / "setup.py"
+    broken.write_text("raise ValueError('no database')\n")
+    done = run_cli("serve", "--port", "0", "--setup", str(broken), str(APPS / "sliders.py"))
+    assert done.returncode == 1 and "--setup" in done.stderr and "no database" in done.stderr
+    done = run_cli("serve", "--port", "0", "--setup", str(tmp_path / "missing.py"), str(APPS / "sliders.py"))
+    assert done.returncode == 1 and "no such file" in done.stderr
+    done = run_cli("serve", "--port", "0", "--static-dirs", "files", str(APPS / "sliders.py"))
+    assert done.returncode == 1 and "NAME=VALUE" in done.stderr

@@ -9,8 +9,10 @@ own JavaScript comes from our static route.
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -63,22 +65,24 @@ def page(browser: Any) -> Iterator[Any]:
     context.close()
 
 
-def start(kind: str, app: str, route: str, prefix: str = "/docsync") -> tuple[RunningServer, str]:
+def start(kind: str, app: str, route: str, prefix: str = "/docsync", args: Sequence[str] = ()) -> tuple[RunningServer, str]:
     """Serve ``tests/apps/panel/<app>.py``; return the server and the app page's URL.
 
     ``serve``: ``flask-docsync serve``. ``host``: the Flask site of
     host_app.py (imports Panel first) on ``gunicorn -k gevent``, its
     DocSync under ``prefix``. ``panel``: ``panel serve``, the reference.
+    ``args``: more options of ``flask-docsync serve`` or ``panel serve``.
     """
     port = free_port()
     script = str(PANEL_APPS / f"{app}.py")
     if kind == "serve":
-        cmd = [sys.executable, "-m", "flask_docsync", "serve", "--port", str(port), "--address", "127.0.0.1", script]
+        cmd = [sys.executable, "-m", "flask_docsync", "serve", "--port", str(port), "--address", "127.0.0.1",
+               *args, script]
         server = RunningServer(cmd, port)
         return server, f"{server.url}/{app}"
     if kind == "panel":
         cmd = [sys.executable, "-m", "panel", "serve", "--port", str(port), "--address", "127.0.0.1",
-               "--allow-websocket-origin", f"127.0.0.1:{port}", script]
+               "--allow-websocket-origin", f"127.0.0.1:{port}", *args, script]
         server = RunningServer(cmd, port)
         return server, f"{server.url}/{app}"
     cmd = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1", "--bind", f"127.0.0.1:{port}",
@@ -166,6 +170,46 @@ def test_panel_apps_embedded_in_a_page_of_the_flask_site(page):
         check_assets_app(page)
         assert all(urlsplit(u).path.startswith(("/site/", "/apps/panel/")) for u in page.requested
                    if urlsplit(u).hostname == "127.0.0.1"), page.requested
+        assert_clean(page, server)
+    finally:
+        server.stop()
+
+
+def test_pn_state_knows_the_site_user_the_request_and_scheduled_tasks(page):
+    """Behind the site's login: ``pn.state.user``/``user_info`` are the site's
+    user (from the authorize hook), ``session_args`` and ``location`` the
+    page's request, and a task the factory scheduled with
+    ``pn.state.schedule_task`` runs (its count in ``pn.state.cache``)."""
+    server, url = start("host", "state_app", "/state")
+    try:
+        response = page.goto(f"{server.url}/site/login?name=alice&next=/docsync/state/%3Fname%3DBo")
+        assert response is not None and response.status == 200, response and response.status
+        assert page.url == f"{url}?name=Bo"
+        for text in ("user alice", "email alice@example.org", "args Bo", "path /docsync/state/", "search ?name=Bo"):
+            expect(page.get_by_text(text)).to_be_visible()
+        expect(page.get_by_text(re.compile(r"ticks ([3-9]|\d\d+)"))).to_be_visible()
+        assert_clean(page, server)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("kind", ["serve", "panel"])
+def test_setup_num_threads_and_loading_spinner_options_of_panel_serve(kind, page):
+    """``--setup`` schedules a task in the server process, ``--num-threads``
+    gives Panel its pool, ``--global-loading-spinner`` covers the page until
+    it is ready: under ``flask-docsync serve`` as under ``panel serve``."""
+    args = ["--setup", str(PANEL_APPS / "setup_tasks.py"), "--num-threads", "2", "--global-loading-spinner"]
+    server, url = start(kind, "state_app", "/state", args=args)
+    try:
+        with urllib.request.urlopen(f"{url}?name=Bo", timeout=10) as response:
+            html = response.read().decode()
+        assert re.search(r'<body class="[^"]*pn-loading', html), html[:2000]
+        response = page.goto(f"{url}?name=Bo")
+        assert response is not None and response.status == 200, response and response.status
+        for text in ("user None", "args Bo", "path /state_app", "search ?name=Bo"):
+            expect(page.get_by_text(text)).to_be_visible()
+        expect(page.get_by_text(re.compile(r"ticks ([3-9]|\d\d+)"))).to_be_visible()
+        expect(page.locator("body.pn-loading")).to_have_count(0)
         assert_clean(page, server)
     finally:
         server.stop()
