@@ -342,7 +342,7 @@ def favicon() -> Response:
 def panel_component(path: str) -> Response:
     """A file a Panel component lists as its own (``panel serve``'s ``/components/``)."""
     try:
-        filename = panel.component_file(path)
+        filename = panel.component_file(path, _server().app_dirs)
     except panel.ComponentRefused as exc:
         log.info("Refused Panel component asset %s (%d): %s", path, exc.status, exc.reason)
         return _refuse(exc.status, f"Component asset {path}: {exc.reason}")
@@ -353,7 +353,9 @@ def panel_component(path: str) -> Response:
 
 def extension_static(filename: str) -> Response:
     name, _, rest = filename.partition("/")
-    directory = extension_dirs.get(name)
+    # A page rendered by another worker may ask for Panel's files here
+    # before anything in this process has imported Panel.
+    directory = extension_dirs.get(name) or (panel.dist_dir() if name == "panel" else None)
     if directory is None or not rest:
         abort(404)
     max_age = LONG_CACHE_SECONDS if request.args.get("v") else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import inspect
 import logging
@@ -23,6 +24,7 @@ import sys
 import threading
 import types
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import gevent.monkey
@@ -81,21 +83,33 @@ def _os_current_thread(self: Any) -> int:
 
 
 class _AdaptOnImport(importlib.abc.MetaPathFinder):
-    """Adapts Panel the moment it is imported (see :func:`watch`)."""
+    """Adapts Panel the moment it is imported (see :func:`watch`).
+
+    It only wraps the loader of the spec it finds: a mere lookup
+    (``importlib.util.find_spec("panel")``, as :func:`dist_dir` does)
+    imports nothing, and the finder stays until Panel is really imported.
+    """
+
+    _looking = False
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name != "panel":
+        if name != "panel" or self._looking:
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)  # once: find the real one, and never again
-        spec = importlib.util.find_spec(name)
+        self._looking = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._looking = False
         loader = getattr(spec, "loader", None)
         if loader is None or not hasattr(loader, "exec_module"):
             return spec
         exec_module = loader.exec_module
+        finder = self
 
         def exec_then_adapt(module: Any) -> None:
             exec_module(module)
+            if finder in sys.meta_path:
+                sys.meta_path.remove(finder)
             install()
 
         loader.exec_module = exec_then_adapt
@@ -351,11 +365,12 @@ def prepare(doc: Document | None = None, root: str | None = None) -> None:
         it. ``None`` or ``""`` (a server at the site's root) leaves Panel's
         own paths relative to the page, as ``panel serve`` has them.
     """
+    if doc is not None and root:
+        _roots[doc] = root  # also for Panel imported by this run (see adopt)
     if not active():
         return
     install()
     if doc is not None and root:
-        _roots[doc] = root
         _place(doc, root)
 
 
@@ -396,6 +411,54 @@ def autoload_js(session: Any, resources: Any, element_id: str, app_path: str, ab
         ))
 
 
+def dist_dir() -> str | None:
+    """Panel's bundle directory (its ``static/extensions/panel/``), found
+    without importing Panel; ``None`` when Panel is not installed.
+
+    Bokeh learns an extension's directory when the extension is imported.
+    Under several workers a page rendered by one may have its scripts
+    fetched from another that has not imported Panel yet.
+    """
+    try:
+        spec = importlib.util.find_spec("panel")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    folder = os.path.join(os.path.dirname(spec.origin), "dist")
+    return folder if os.path.isdir(folder) else None
+
+
+def _import_component_module(module: str, app_dirs: Sequence[str]) -> bool:
+    """Import ``module`` if it is Panel's or an app's own; whether it is imported now."""
+    if module == "panel" or module.startswith("panel."):
+        importlib.import_module(module)
+        return True
+    folders = [os.path.realpath(folder) for folder in app_dirs]
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None and "." not in module:
+        # The app puts its folder on sys.path when it runs, which in this
+        # worker it may not have done yet.
+        spec = importlib.machinery.PathFinder.find_spec(module, folders)
+    origin = getattr(spec, "origin", None)
+    if spec is None or spec.loader is None or not origin:
+        return False
+    if not any(os.path.realpath(origin).startswith(folder + os.sep) for folder in folders):
+        return False
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[module] = loaded
+    try:
+        spec.loader.exec_module(loaded)
+    except BaseException:
+        sys.modules.pop(module, None)
+        log.warning("Component module %s could not be imported", module, exc_info=True)
+        return False
+    return True
+
+
 def favicon_path() -> str | None:
     """Panel's icon, or ``None`` when Panel is not in use."""
     if not active():
@@ -414,21 +477,26 @@ class ComponentRefused(Exception):
         self.reason = reason
 
 
-def component_file(path: str) -> str:
+def component_file(path: str, app_dirs: Sequence[str] = ()) -> str:
     """The file of a Panel component asset, ``<module>/<Class>/<attribute>/<file>``.
 
     Panel's own resolution: only files the component lists in one of its
-    resource attributes are served. Unlike ``panel serve``, a module that
-    is not imported yet is not imported on a client's request (importing
-    is code running on behalf of whoever sends the URL); a component in
-    use is imported already.
+    resource attributes are served. ``panel serve`` imports whatever module
+    the URL names; here a module not imported yet is imported only when it
+    is Panel's or lies in one of ``app_dirs`` (the folders of the apps):
+    another worker may have rendered the page, and importing any installed
+    module on a client's request runs code the deployment never asked for.
 
     :raise ComponentRefused: with Panel's status (400, 403, 404).
     """
-    if not active():
-        raise ComponentRefused(404, "Panel is not used by this server")
     module = path.split("/", 1)[0]
-    if module not in sys.modules:
+    if not active():
+        if dist_dir() is None:
+            raise ComponentRefused(404, "Panel is not installed")
+        import panel  # noqa: F401  (a page from another worker uses it)
+
+        install()
+    if module not in sys.modules and not _import_component_module(module, app_dirs):
         raise ComponentRefused(404, f"No component module {module!r} is loaded")
     from panel.io.server import ComponentResourceHandler
     from tornado.web import HTTPError
@@ -454,7 +522,17 @@ def adopt(doc: Document, application: Any) -> None:
         return
     install()
     from panel.io.application import Application as PanelApplication
+    from panel.io.resources import LOCAL_DIST, patch_model_css
     from panel.io.state import state
+
+    root = _roots.get(doc)
+    if root and doc._template_variables.get("dist_url") != f"{root}/{LOCAL_DIST}":
+        # Panel was imported by this very run (the first session of a
+        # script that imports it): its models were made before Panel knew
+        # where our routes are, and point at its CDN.
+        _place(doc, root)
+        for model in doc.roots:
+            patch_model_css(model, dist_url=f"{root}/{LOCAL_DIST}")
 
     if not isinstance(application, PanelApplication):
         doc.on_event("document_ready", functools.partial(state._schedule_on_load, doc))

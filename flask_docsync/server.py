@@ -83,6 +83,9 @@ class DocSyncServer:
         self._stopping = False
         self._stop_hooked = False
         panel.watch()
+        #: Folders of the script and directory apps (their component modules
+        #: may be imported for a ``/components/`` request; see panel.component_file).
+        self.app_dirs: list[str] = []
 
     def add_application(self, route: str, application: Any, logout_url: str | None = None) -> ApplicationContext:
         context = ApplicationContext(
@@ -117,6 +120,9 @@ class DocSyncServer:
                 f"An app is already registered at {route!r} in this Flask app; pick another route."
             )
         context = self.add_application(route, build_application(target, argv))
+        if isinstance(target, (str, os.PathLike)):
+            path = os.path.abspath(os.fspath(target))
+            self.app_dirs.append(path if os.path.isdir(path) else os.path.dirname(path))
         if self._started:
             context.run_load_hook()
         return context

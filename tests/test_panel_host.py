@@ -26,9 +26,10 @@ if importlib.util.find_spec("panel") is None:  # not imported here: this process
 from conftest import APPS, HERE, ROOT  # noqa: E402
 
 
-def in_panel_process(source: str, timeout: float = 120) -> Any:
-    """Run ``source`` after ``import panel`` in a new interpreter; return what it printed last, as JSON."""
-    code = "import panel\n" + textwrap.dedent(source)
+def in_panel_process(source: str, timeout: float = 120, import_panel: bool = True) -> Any:
+    """Run ``source`` after ``import panel`` (unless told not to) in a new
+    interpreter; return what it printed last, as JSON."""
+    code = ("import panel\n" if import_panel else "") + textwrap.dedent(source)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(HERE), env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
@@ -125,3 +126,61 @@ def test_a_discarded_session_of_a_script_app_is_freed_by_reference_counting(app)
         print(json.dumps({{"alive": alive, "global_doc_is_session": global_doc_is_session}}))
     """)
     assert alive == {"alive": [], "global_doc_is_session": False}
+
+
+def test_a_worker_that_has_not_run_a_panel_app_serves_its_assets():
+    """Under several workers the page comes from one and its assets may be
+    fetched from another that has not imported Panel or the app's component
+    module yet: both are served (the module is imported because it lies in
+    an app's folder); a module from elsewhere is not imported for a URL."""
+    seen = in_panel_process(f"""
+        import json, sys
+        from flask import Flask
+        from flask_docsync import DocSync
+
+        app = Flask(__name__)
+        DocSync(app).add_app("/assets", {str(APPS / "panel" / "assets_app.py")!r})
+        before = sorted(m for m in ("panel", "docsync_fancy", "antigravity") if m in sys.modules)
+        client = app.test_client()
+        statuses = [client.get(u).status_code for u in (
+            "/docsync/static/extensions/panel/panel.min.js",
+            "/docsync/components/docsync_fancy/Fancy/_stylesheets/docsync_fancy.css",
+            "/docsync/components/docsync_fancy/Fancy/_stylesheets/assets_app.py",
+            "/docsync/components/antigravity/Fly/_stylesheets/a.css",
+        )]
+        from panel.io.state import state  # imported by the component request
+        adapted = type(state).user.fget.__module__ == "flask_docsync.panel"
+        print(json.dumps({{"before": before, "statuses": statuses, "antigravity": "antigravity" in sys.modules,
+                          "adapted": adapted}}))
+    """, import_panel=False)
+    # Looking up Panel's folder for the script must not use up the hook
+    # that adapts Panel when it is imported (it did: pn.state.user was
+    # Panel's own in that worker).
+    assert seen == {"before": [], "statuses": [200, 200, 403, 404], "antigravity": False, "adapted": True}
+
+
+def test_the_session_whose_script_imports_panel_gets_local_stylesheets_too():
+    """In a host that never imports Panel itself, the first session's script
+    does: its models, made before Panel knew our routes, pointed at Panel's
+    CDN. Embedded (no Panel page render to patch them) they must not."""
+    seen = in_panel_process(f"""
+        import json, re, sys
+        from flask import Flask, render_template_string
+        from flask_docsync import DocSync
+        from flask_docsync.session import live_sessions
+
+        app = Flask(__name__)
+        DocSync(app).add_app("/onload", {str(APPS / "panel" / "onload_app.py")!r})
+        client = app.test_client()
+        app.add_url_rule("/page", "page", lambda: render_template_string("{{{{ docsync_document('/onload') }}}}"))
+        urls = []
+        for _ in range(2):
+            client.get("/page")
+        for session in live_sessions():
+            text = str([m.properties_with_values() for m in session.document.models])
+            urls.append(sorted(set(re.findall(r"https?://[\w./@^%-]+|/docsync/static/[\w./@^%-]+", text))))
+        print(json.dumps(urls))
+    """, import_panel=False)
+    assert len(seen) == 2
+    for urls in seen:
+        assert urls and all(u.startswith("/docsync/static/extensions/panel/") for u in urls), urls

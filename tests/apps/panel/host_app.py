@@ -46,6 +46,10 @@ def create_app() -> Flask:
     docsync.add_app("/onload", str(HERE / "onload_app.py"))
     docsync.add_app("/assets", str(HERE / "assets_app.py"))
     docsync.add_app("/state", str(HERE / "state_app.py"))
+    docsync.add_app("/template", str(HERE / "template_app.py"))
+    # pn.serve's other targets: a function without arguments, and a Panel object.
+    docsync.add_app("/function", lambda: panel.Column(panel.pane.Markdown("made by a function")))
+    docsync.add_app("/object", panel.pane.Markdown("one object, a copy per session"))
     docsync.init_app(app)
     docsync_tasks.schedule()
 
