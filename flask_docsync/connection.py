@@ -88,7 +88,10 @@ class ServerConnection:
         self._decoder = MessageDecoder(max_message_size)
         self._closing = False
         self._sending = False
+        #: When the writer began writing the last ping; ``None`` before the first.
         self._ping_sent_at: float | None = None
+        #: Whether a ping waits in the queue, not yet taken by the writer.
+        self._ping_queued = False
         self._missed_pongs = 0
         self._ping_count = 0
         self._writer = gevent.spawn(self._write_loop)
@@ -164,12 +167,23 @@ class ServerConnection:
     def keepalive(self) -> None:
         """Ping the peer; close the connection after unanswered pings.
 
-        Called every keep-alive interval by the server's pinger.
+        Called every keep-alive interval by the server's pinger. A ping
+        counts as unanswered only when the peer had it and nothing from the
+        peer waits unread: a worker too busy to write the ping or to read
+        the pong in time (a thousand reconnects at once) must not close
+        live clients for its own delay, which would send them all back.
+        A ping stuck behind a write the peer does not take does count.
         """
         if self._closing:
             return
+        if self._ping_queued and not self._sending:
+            # The writer has not run since the last ping was queued: this
+            # worker is behind, not the peer. Wait rather than queue more.
+            return
+        sent = self._ping_sent_at
         last_pong = self.ws.last_pong
-        if self._ping_sent_at is not None and (last_pong is None or last_pong < self._ping_sent_at):
+        answered = last_pong is not None and sent is not None and last_pong >= sent
+        if self._ping_queued or (sent is not None and not answered and not self.ws.unread):
             self._missed_pongs += 1
             if self._missed_pongs >= MISSED_PONGS_ALLOWED:
                 log.info(
@@ -179,13 +193,16 @@ class ServerConnection:
                 self.close(CloseCode.POLICY_VIOLATION, "keep-alive timeout")
                 gevent.spawn_later(OVERFLOW_GRACE, self._abort_if_stuck)
                 return
+            if self._ping_queued:
+                return
         else:
             self._missed_pongs = 0
         self._ping_count += 1
-        self._ping_sent_at = time.monotonic()
+        self._ping_queued = True
         try:
             self._queue.put_nowait(("ping", str(self._ping_count).encode()))
         except gevent.queue.Full:
+            self._ping_queued = False
             self._overflow()
 
     def _write_loop(self) -> None:
@@ -207,6 +224,10 @@ class ServerConnection:
                     ws.close(item.code, item.reason)
                     return
                 if isinstance(item, tuple):
+                    # Timed from the write, not the queueing, and before
+                    # it: the pong may be read while ping() still runs.
+                    self._ping_sent_at = time.monotonic()
+                    self._ping_queued = False
                     ws.ping(item[1])
                     item = None
                     continue

@@ -443,6 +443,10 @@ class InMemoryWebSocket:
     def buffered(self) -> bool:
         return not self._incoming.empty()
 
+    @property
+    def unread(self) -> bool:
+        return not self._incoming.empty()
+
     def receive(self, timeout: float | None = None) -> str | bytes | None:
         if self.closed:
             raise ConnectionClosed(self.close_code or 1006, self.close_reason)

@@ -52,6 +52,17 @@ class Transport(Protocol):
         """
         ...
 
+    @property
+    def unread(self) -> bool:
+        """Whether the peer has sent data this side has not read yet, in
+        the kernel's receive buffer or in :attr:`buffered`.
+
+        Keep-alive takes it as an answer to a ping: a worker busy with other
+        greenlets may not have read a pong that arrived in time, and closing
+        a live peer for the server's own delay would be wrong.
+        """
+        ...
+
     def receive(self, timeout: float | None = None) -> str | bytes | None:
         """The next whole message; ``None`` after ``timeout`` seconds (``None`` waits for ever)."""
         ...

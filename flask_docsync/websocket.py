@@ -31,6 +31,7 @@ import base64
 import binascii
 import hashlib
 import logging
+import select
 import socket
 import struct
 import time
@@ -38,6 +39,7 @@ import typing as t
 
 import gevent
 import gevent.lock
+import gevent.monkey
 import gevent.socket
 
 from . import handover
@@ -83,6 +85,9 @@ _YIELD_BYTES = 1024 * 1024
 # copying them is cheaper than an extra sendall call. Larger ones are
 # written by themselves so they are never copied.
 _JOIN_LIMIT = 16 * 1024
+# The blocking-module poll, used only with a zero timeout: gevent's patched
+# select has no poll, and this check must never wait or switch greenlets.
+_poll = gevent.monkey.get_original("select", "poll")
 
 _U16 = struct.Struct("!H")
 _U64 = struct.Struct("!Q")
@@ -564,6 +569,26 @@ class WebSocket:
         the network.
         """
         return len(self._buf) > self._pos
+
+    @property
+    def unread(self) -> bool:
+        """Whether the client has sent bytes not parsed yet: in our buffer,
+        in the TLS layer, or waiting in the kernel. Never waits.
+        """
+        if self.closed:
+            return False
+        if self.buffered:
+            return True
+        sock = self._sock
+        pending = getattr(sock, "pending", None)
+        try:
+            if pending is not None and pending():
+                return True
+            poller = _poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return False
 
     def receive(self, timeout: float | None = None) -> str | bytes | None:
         """Wait for the next whole message from the client: ``str`` for a

@@ -4,6 +4,8 @@ hard to arrange."""
 
 from __future__ import annotations
 
+import time
+
 import gevent
 import gevent.lock
 import gevent.queue
@@ -44,6 +46,7 @@ class ScriptedWebSocket:
         self.inbox: gevent.queue.Queue = gevent.queue.Queue()
         self.last_pong: float | None = None
         self.buffered = False
+        self.unread = False
 
     def _write(self, kind: str, what: list) -> None:
         with self.lock:
@@ -134,3 +137,65 @@ def test_a_failed_reply_ends_the_connection_without_waiting_for_the_writer(conne
         assert ws.aborted  # nothing else would wake the reader
     runner.join(timeout=4)  # the writer's grace period is 5 s
     assert runner.dead and conn._writer.dead
+
+
+# -- keep-alive ------------------------------------------------------------------
+
+
+def closes(ws: ScriptedWebSocket) -> list:
+    return [item for item in ws.wire if str(item).startswith("close")]
+
+
+def test_a_silent_peer_is_closed_after_two_unanswered_pings(connection):
+    ws = ScriptedWebSocket()
+    conn = connection(ws)
+    for _ in range(3):
+        conn.keepalive()
+        gevent.sleep(0.01)  # the writer sends the ping; no pong comes
+    assert ws.wire.count("ping") == 2 and closes(ws) == ["close 1008"]
+
+
+def test_an_answered_ping_keeps_the_peer(connection):
+    ws = ScriptedWebSocket()
+    conn = connection(ws)
+    for _ in range(4):
+        conn.keepalive()
+        gevent.sleep(0.01)
+        ws.last_pong = time.monotonic()
+    assert closes(ws) == []
+
+
+def test_a_pong_the_busy_worker_has_not_read_yet_counts_as_an_answer(connection):
+    # The pong is in the socket; the reader has not been scheduled to read it.
+    ws = ScriptedWebSocket()
+    ws.unread = True
+    conn = connection(ws)
+    for _ in range(5):
+        conn.keepalive()
+        gevent.sleep(0.01)
+    assert ws.wire.count("ping") == 5 and closes(ws) == []
+
+
+def test_a_ping_the_busy_worker_has_not_written_yet_is_not_a_miss(connection):
+    # Three passes of the pinger before the writer gets a turn: the peer
+    # never had a ping to answer, and no pings pile up for it.
+    ws = ScriptedWebSocket()
+    conn = connection(ws)
+    for _ in range(3):
+        conn.keepalive()
+    gevent.sleep(0.01)
+    assert ws.wire == ["ping"] and not conn._closing
+
+
+def test_a_ping_stuck_behind_a_write_the_peer_does_not_take_is_a_miss(connection):
+    # A closed laptop with a large message half sent: the writer is blocked,
+    # so the ping never goes out; the connection must still be closed.
+    ws = ScriptedWebSocket()
+    ws.stall["message"] = 60
+    conn = connection(ws)
+    conn.send_frames(["big"])
+    gevent.sleep(0.01)  # the writer is inside the write
+    for _ in range(3):
+        conn.keepalive()
+        gevent.sleep(0.01)
+    assert conn._closing and "ping" not in ws.wire

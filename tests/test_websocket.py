@@ -487,6 +487,23 @@ def test_unit_pong_recorded(pair):
         ws.ping(b"x" * 126)
 
 
+def test_unit_unread_sees_the_kernel_buffer_without_reading_it(pair):
+    # What keep-alive asks before it counts a ping as unanswered.
+    ws, client = pair()
+    assert not ws.unread
+    client.send_frame(10, b"pong")
+    deadline = time.monotonic() + 5
+    while not ws.unread and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ws.unread and not ws.buffered  # still in the kernel, not taken
+    client.send_frame(1, b"after")
+    assert ws.receive(timeout=5) == "after"
+    assert ws.last_pong is not None and not ws.unread
+    ws, _ = pair(buffered=build_frame(1, b"early"))
+    assert ws.unread and ws.buffered
+    ws.abort()
+    assert not ws.unread
+
 @pytest.mark.parametrize(
     ("frames", "code"),
     [
