@@ -134,13 +134,19 @@ def served_bundle(res: Resources | None) -> Bundle:
     ``static/extensions/panel/bundled/...`` relative to the page: right for
     a server at ``/`` and a page at its root, wrong under a URL prefix or on
     an app page (``/docsync/app/``). They are made absolute under the root
-    URL, where :func:`extension_static` serves them.
+    URL, where :func:`extension_static` serves them; so are files of
+    Panel's bundle that Panel names by their CDN URL
+    (:func:`flask_docsync.panel.served_path`).
     """
     bundle = bundle_for_objs_and_resources(None, res)
     root = res.root_url if res is not None and res.mode in ("server", "server-dev") else None
     if root:
-        bundle.js_files = [URL(root + url.url) if url.url.startswith("static/") else url for url in bundle.js_files]
-        bundle.css_files = [URL(root + url.url) if url.url.startswith("static/") else url for url in bundle.css_files]
+        def served(url: URL) -> URL:
+            path = panel.served_path(url.url)
+            return URL(root + path) if path.startswith("static/") else url
+
+        bundle.js_files = [served(url) for url in bundle.js_files]
+        bundle.css_files = [served(url) for url in bundle.css_files]
     return bundle
 
 

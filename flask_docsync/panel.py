@@ -411,6 +411,28 @@ def autoload_js(session: Any, resources: Any, element_id: str, app_path: str, ab
         ))
 
 
+def served_path(url: str) -> str:
+    """``url`` as a path under our static route if it names a file of
+    Panel's bundle on Panel's CDN, else ``url`` unchanged.
+
+    Panel gives some stylesheets as CDN URLs and, on its own server, maps
+    them to its local bundle when it renders a page (a Tabulator's theme,
+    once a Tabulator has been made, is one). Bokeh's bundle, which embedded
+    documents get, takes them as they are, so the browser would ask Panel's
+    CDN: a site behind a firewall or a strict content policy loses them.
+    """
+    if not active():
+        return url
+    from panel.config import config
+    from panel.io.resources import CDN_DIST, LOCAL_DIST, JS_VERSION
+
+    npm_dist = f"{config.npm_cdn}/@holoviz/panel@{JS_VERSION}/dist/"
+    for prefix in (CDN_DIST, npm_dist):
+        if url.startswith(prefix):
+            return LOCAL_DIST + url[len(prefix):]
+    return url
+
+
 def dist_dir() -> str | None:
     """Panel's bundle directory (its ``static/extensions/panel/``), found
     without importing Panel; ``None`` when Panel is not installed.

@@ -163,7 +163,7 @@ def test_the_session_whose_script_imports_panel_gets_local_stylesheets_too():
     """In a host that never imports Panel itself, the first session's script
     does: its models, made before Panel knew our routes, pointed at Panel's
     CDN. Embedded (no Panel page render to patch them) they must not."""
-    seen = in_panel_process(f"""
+    seen = in_panel_process(rf"""
         import json, re, sys
         from flask import Flask, render_template_string
         from flask_docsync import DocSync
@@ -184,3 +184,31 @@ def test_the_session_whose_script_imports_panel_gets_local_stylesheets_too():
     assert len(seen) == 2
     for urls in seen:
         assert urls and all(u.startswith("/docsync/static/extensions/panel/") for u in urls), urls
+
+
+def test_the_page_head_names_no_cdn_file_once_a_tabulator_was_made():
+    """Making a Tabulator points its model class's stylesheet at Panel's CDN
+    (Panel maps that back only when it renders a page itself); the head
+    ``docsync_resources()`` writes for the site's own pages must still name
+    our static route, and every file it names must be served."""
+    seen = in_panel_process(f"""
+        import json, re
+        from flask import Flask, render_template_string
+        from flask_docsync import DocSync
+
+        app = Flask(__name__)
+        DocSync(app).add_app("/assets", {str(APPS / "panel" / "assets_app.py")!r})
+        app.add_url_rule("/page", "page", lambda: render_template_string(
+            "<head>{{{{ docsync_resources() }}}}</head>{{{{ docsync_document('/assets') }}}}"))
+        client = app.test_client()
+        import pandas as pd, panel as pn
+        from bokeh.document import Document
+        pn.widgets.Tabulator(pd.DataFrame({{"a": [1]}})).get_root(Document())  # as any session's would
+        head = client.get("/page").get_data(as_text=True).split("</head>")[0]
+        urls = re.findall(r'(?:href|src)="([^"]+)"', head)
+        print(json.dumps({{"urls": urls, "statuses": [client.get(u).status_code for u in urls if u.startswith("/")]}}))
+    """)
+    urls = seen["urls"]
+    assert any("tabulator" in u and u.endswith(".css") for u in urls), urls
+    assert all(u.startswith("/docsync/static/") for u in urls), urls
+    assert set(seen["statuses"]) == {200}, seen
