@@ -57,6 +57,8 @@ setup(
             "psutil>=5",
             "numpy>=1.24",
             "gevent-websocket>=0.10",
+            # .ipynb apps (tests/apps/panel/notebook_app.ipynb), as bokeh and panel serve need.
+            "nbconvert>=7",
             # The pairs the suite runs: Panel 1.9 on bokeh 3.9, Panel 1.10 on bokeh 3.10.
             'panel>=1.9.4,<1.10; python_version < "3.12"',
             'panel>=1.10,<1.11; python_version >= "3.12"',

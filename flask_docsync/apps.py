@@ -46,6 +46,16 @@ def route_for_path(path: str) -> str:
     return "/" + (name if ext in (".py", ".ipynb", ".md") else base)
 
 
+def _raise_if_failed(app: Application, target: str | os.PathLike[str]) -> None:
+    # A script that does not even compile fails at start-up, as with
+    # bokeh serve, rather than on every page view.
+    for handler in app.handlers:
+        if getattr(handler, "failed", False):
+            raise ConfigurationError(
+                f"The app at {os.fspath(target)!r} failed to load: {handler.error}\n{handler.error_detail}"
+            )
+
+
 def build_application(target: AppTarget, argv: Sequence[str] = ()) -> Application:
     """Make a Bokeh ``Application`` from a registered target.
 
@@ -61,7 +71,16 @@ def build_application(target: AppTarget, argv: Sequence[str] = ()) -> Applicatio
     elif panel.is_panel_target(target):
         if isinstance(target, (str, os.PathLike)) and not os.path.isfile(os.fspath(target)):
             raise ConfigurationError(f"App path {os.fspath(target)!r} does not exist.")
-        app = panel.build_application(target)
+        if isinstance(target, (str, os.PathLike)):
+            try:
+                app = panel.build_application(target)
+            except ConfigurationError:
+                raise
+            except Exception as exc:  # e.g. nbconvert missing for a notebook
+                raise ConfigurationError(f"Could not load the app at {os.fspath(target)!r}: {exc}") from exc
+            _raise_if_failed(app, target)
+        else:
+            app = panel.build_application(target)
     elif isinstance(target, (str, os.PathLike)):
         path = os.path.abspath(os.fspath(target))
         if not os.path.exists(path):
@@ -74,13 +93,7 @@ def build_application(target: AppTarget, argv: Sequence[str] = ()) -> Applicatio
             app = build_single_handler_application(path, list(argv))
         except Exception as exc:
             raise ConfigurationError(f"Could not load the app at {os.fspath(target)!r}: {exc}") from exc
-        for handler in app.handlers:
-            if getattr(handler, "failed", False):
-                # A script that does not even compile fails at start-up, as
-                # with bokeh serve, rather than on every page view.
-                raise ConfigurationError(
-                    f"The app at {os.fspath(target)!r} failed to load: {handler.error}\n{handler.error_detail}"
-                )
+        _raise_if_failed(app, target)
     elif callable(target):
         app = Application(FunctionHandler(target))
     else:

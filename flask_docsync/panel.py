@@ -18,8 +18,10 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import inspect
+import json
 import logging
 import os
+import re
 import sys
 import threading
 import types
@@ -318,10 +320,12 @@ def is_panel_target(target: Any) -> bool:
 
     A Panel object (a component or a template), a function that takes no
     argument and returns one (``pn.serve``'s convention; a Bokeh app
-    function takes the document), or a ``.md`` file.
+    function takes the document), a ``.md`` file, or a notebook that
+    imports Panel.
     """
     if isinstance(target, (str, os.PathLike)):
-        return os.fspath(target).endswith(".md")
+        path = os.fspath(target)
+        return path.endswith(".md") or (path.endswith(".ipynb") and _notebook_imports_panel(path))
     if isinstance(target, (types.FunctionType, types.MethodType)):
         try:
             parameters = inspect.signature(target).parameters.values()
@@ -336,6 +340,30 @@ def is_panel_target(target: Any) -> bool:
     return isinstance(target, ServableMixin)
 
 
+_IMPORTS_PANEL = re.compile(r"^\s*(?:import\s+panel\b|from\s+panel\b)", re.MULTILINE)
+
+
+def _notebook_imports_panel(path: str) -> bool:
+    """Whether a code cell of the notebook at ``path`` imports Panel.
+
+    Such a notebook is served by Panel's notebook handler, as by ``panel
+    serve``: without a ``.servable()`` call it shows every cell's output
+    in Panel's notebook template. Other notebooks keep Bokeh's handler, as
+    with ``bokeh serve``. An unreadable file is Bokeh's to report.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            cells = json.load(f).get("cells", [])
+    except (OSError, ValueError, AttributeError):
+        return False
+    for cell in cells:
+        if isinstance(cell, dict) and cell.get("cell_type") == "code":
+            source = cell.get("source", "")
+            if _IMPORTS_PANEL.search("".join(source) if isinstance(source, list) else str(source)):
+                return True
+    return False
+
+
 def build_application(target: Any) -> Any:
     """Panel's ``Application`` for a target :func:`is_panel_target` accepts, built as ``pn.serve`` builds it.
 
@@ -345,7 +373,8 @@ def build_application(target: Any) -> Any:
         from panel.io.application import build_applications
     except ImportError:
         raise ConfigurationError(
-            f"{target!r} is a Panel app (a function without arguments, a Panel object or a .md file),"
+            f"{target!r} is a Panel app (a function without arguments, a Panel object, a .md file"
+            " or a notebook that imports Panel),"
             " and Panel is not installed: pip install 'flask-docsync[panel]'. A Bokeh app function"
             " takes the document: def modify_doc(doc): ..."
         ) from None

@@ -86,6 +86,24 @@ def test_args_reach_the_script(serve, tmp_path):
     assert "--alpha|2" in str(doc)
 
 
+def test_notebooks_bokeh_and_panel(serve, tmp_path):
+    """A notebook is served as ``bokeh serve`` serves it (its magics
+    dropped) unless it imports Panel, which ``panel serve``'s handler then
+    runs (tests/test_panel_browser.py); Panel is not imported for the first."""
+    from flask_docsync import panel
+
+    assert not panel.is_panel_target(APPS / "bokeh_notebook.ipynb")
+    assert panel.is_panel_target(APPS / "panel" / "notebook_cells.ipynb")
+    broken = tmp_path / "broken.ipynb"
+    broken.write_text("{not json")
+    assert not panel.is_panel_target(broken)  # Bokeh's handler reports it
+    server = serve(APPS / "bokeh_notebook.ipynb")
+    token = fetch_token(server.url + "/bokeh_notebook")
+    with WireClient(server.ws_url + "/bokeh_notebook/ws", token) as client:
+        assert "from a notebook" in str(client.handshake().content["doc"])
+    assert "panel" not in sys.modules
+
+
 @pytest.mark.timeout(300)
 def test_pip_install_gives_package_data_and_console_script(tmp_path):
     venv = tmp_path / "venv"

@@ -67,7 +67,7 @@ def page(browser: Any) -> Iterator[Any]:
 
 
 def start(kind: str, app: str, route: str, prefix: str = "/docsync", args: Sequence[str] = ()) -> tuple[RunningServer, str]:
-    """Serve ``tests/apps/panel/<app>.py``; return the server and the app page's URL.
+    """Serve ``tests/apps/panel/<app>.py`` (or ``<app>`` if it has a suffix); return the server and the app page's URL.
 
     ``serve``: ``flask-docsync serve``. ``host``: the Flask site of
     host_app.py (imports Panel first) on ``gunicorn -k gevent``, its
@@ -75,7 +75,8 @@ def start(kind: str, app: str, route: str, prefix: str = "/docsync", args: Seque
     ``args``: more options of ``flask-docsync serve`` or ``panel serve``.
     """
     port = free_port()
-    script = str(PANEL_APPS / f"{app}.py")
+    script = str(PANEL_APPS / (app if "." in app else f"{app}.py"))
+    app = app.split(".")[0]
     if kind == "serve":
         cmd = [sys.executable, "-m", "flask_docsync", "serve", "--port", str(port), "--address", "127.0.0.1",
                *args, script]
@@ -229,6 +230,27 @@ def test_a_panel_template_is_served_with_its_own_page(kind, page):
         expect(page.get_by_text("value 0")).to_be_visible()
         page.get_by_role("button", name="bump").click()
         expect(page.get_by_text("value 1")).to_be_visible()
+        assert_clean(page, server)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("kind", ["serve", "host", "panel"])
+def test_a_notebook_that_imports_panel_is_served_as_panel_serve_serves_it(kind, page):
+    """No ``.servable()`` in the notebook: Panel's notebook template shows
+    every cell's output (a markdown cell, an input, a bound pane), and the
+    input drives the pane."""
+    server, url = start(kind, "notebook_cells.ipynb", "/notebook")
+    try:
+        response = page.goto(url)
+        assert response is not None and response.status == 200, response and response.status
+        expect(page).to_have_title("Notebook Cells")
+        expect(page.get_by_text("No .servable(): every output is shown.")).to_be_visible()
+        expect(page.get_by_text("level is 4")).to_be_visible()
+        level = page.get_by_label("Level")
+        level.fill("5")
+        level.press("Enter")
+        expect(page.get_by_text("level is 5")).to_be_visible()
         assert_clean(page, server)
     finally:
         server.stop()
