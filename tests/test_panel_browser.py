@@ -256,6 +256,24 @@ def test_a_notebook_that_imports_panel_is_served_as_panel_serve_serves_it(kind, 
         server.stop()
 
 
+@pytest.mark.parametrize("kind", ["serve", "host", "panel"])
+def test_a_markdown_file_is_an_app_as_with_panel_serve(kind, page):
+    """A ``.md`` app: its prose rendered, its Python block run, the input drives the pane."""
+    server, url = start(kind, "notes_app.md", "/notes")
+    try:
+        response = page.goto(url)
+        assert response is not None and response.status == 200, response and response.status
+        expect(page.get_by_text("Prose of a Markdown app")).to_be_visible()
+        expect(page.get_by_text("amount is 2")).to_be_visible()
+        amount = page.get_by_label("Amount")
+        amount.fill("7")
+        amount.press("Enter")
+        expect(page.get_by_text("amount is 7")).to_be_visible()
+        assert_clean(page, server)
+    finally:
+        server.stop()
+
+
 def test_functions_and_objects_are_apps_as_with_pn_serve(page):
     server, url = start("host", "onload_app", "/onload")
     try:

@@ -48,6 +48,7 @@ def create_app() -> Flask:
     docsync.add_app("/state", str(HERE / "state_app.py"))
     docsync.add_app("/template", str(HERE / "template_app.py"))
     docsync.add_app("/notebook", str(HERE / "notebook_cells.ipynb"))
+    docsync.add_app("/notes", str(HERE / "notes_app.md"))
     # pn.serve's other targets: a function without arguments, and a Panel object.
     docsync.add_app("/function", lambda: panel.Column(panel.pane.Markdown("made by a function")))
     docsync.add_app("/object", panel.pane.Markdown("one object, a copy per session"))
