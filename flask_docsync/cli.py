@@ -397,8 +397,19 @@ def serve_with_gunicorn(options: argparse.Namespace) -> int:
             self.cfg.set("limit_request_field_size", 16384)
 
         def load(self) -> Any:
+            from gunicorn.arbiter import Arbiter
+
+            from .errors import ConfigurationError
+
             _configure_logging(options)
-            app = create_app(options)
+            try:
+                app = create_app(options)
+            except ConfigurationError as exc:
+                # The same in every worker: say it once per worker, without
+                # gunicorn's traceback, and exit as a worker that cannot
+                # boot, which stops the arbiter instead of respawning.
+                logging.getLogger("flask_docsync.cli").error("%s", exc)
+                sys.exit(Arbiter.WORKER_BOOT_ERROR)
             app.extensions["docsync"].start()
             return app
 
@@ -413,7 +424,7 @@ def serve_with_gunicorn(options: argparse.Namespace) -> int:
         return 1
     _configure_logging(options)
     _print_urls([], options.address, options.port, options.prefix)
-    _App().run()
+    _App().run()  # exits with gunicorn's status when a worker cannot boot
     return 0
 
 

@@ -163,6 +163,13 @@ def test_panel_options_and_setup_errors_are_startup_errors(tmp_path):
     broken.write_text("raise ValueError('no database')\n")
     done = run_cli("serve", "--port", "0", "--setup", str(broken), str(APPS / "sliders.py"))
     assert done.returncode == 1 and "--setup" in done.stderr and "no database" in done.stderr
+    # Under gunicorn workers: the reason once per worker, no gunicorn
+    # traceback, and the arbiter stops rather than respawning them.
+    done = run_cli("serve", "--port", "0", "--num-procs", "2", "--setup", str(broken), str(APPS / "sliders.py"),
+                   env={"DOCSYNC_SECRET_KEY": "cli-secret-" + "c" * 32})
+    assert done.returncode == 3 and "Worker failed to boot" in done.stderr, done.stderr[-2000:]
+    assert done.stderr.count("--setup " + str(broken) + " failed: no database") >= 1
+    assert "load_wsgi" not in done.stderr, done.stderr[-3000:]
     done = run_cli("serve", "--port", "0", "--setup", str(tmp_path / "missing.py"), str(APPS / "sliders.py"))
     assert done.returncode == 1 and "no such file" in done.stderr
     done = run_cli("serve", "--port", "0", "--static-dirs", "files", str(APPS / "sliders.py"))
