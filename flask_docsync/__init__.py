@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _ERRORS = (
+    "BroadcastError",
     "CloseCode",
     "ConfigurationError",
     "ConnectionClosed",
@@ -23,10 +24,11 @@ _ERRORS = (
     "UnknownApplication",
 )
 
-__all__ = [*_ERRORS, "DocSync", "__version__", "offload"]
+__all__ = [*_ERRORS, "DocSync", "__version__", "broadcast", "offload", "subscribe"]
 
 if TYPE_CHECKING:
     from .errors import (
+        BroadcastError,
         CloseCode,
         ConfigurationError,
         ConnectionClosed,
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     )
     from .extension import DocSync
     from .monitor import offload
+    from .pubsub import broadcast, subscribe
 
 
 def __getattr__(name: str) -> Any:
@@ -52,6 +55,10 @@ def __getattr__(name: str) -> Any:
         from .monitor import offload
 
         return offload
+    if name in ("broadcast", "subscribe"):
+        from . import pubsub
+
+        return getattr(pubsub, name)
     if name in _ERRORS:
         from . import errors
 

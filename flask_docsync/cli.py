@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ico-path", default="default", help="Path of a .ico for /favicon.ico, or 'none'.")
     p.add_argument("--stats-log-frequency", type=_ms, default=None, metavar="MILLISECONDS",
                    help="How often to log session and connection figures at DEBUG (default 15000; 0 is off).")
+    p.add_argument("--redis-url", default=None, metavar="URL",
+                   help="Redis joining the workers and hosts of a deployment (DOCSYNC_REDIS_URL):"
+                        " broadcasts reach all of them.")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="Log level (default info).")
     p.add_argument("--log-format", default=DEFAULT_LOG_FORMAT, help="Python logging format.")
     p.add_argument("--log-file", default=None, help="Write logs to this file.")
@@ -162,6 +165,7 @@ def create_app(options: argparse.Namespace, port: int | None = None) -> Any:
         ("exclude_headers", "exclude_headers"),
         ("include_cookies", "include_cookies"),
         ("exclude_cookies", "exclude_cookies"),
+        ("redis_url", "redis_url"),
     ):
         value = getattr(options, flag)
         if value is not None:

@@ -196,6 +196,33 @@ def check_deploy_command(config_file: str | None, workers: int | None, worker_cl
     click.echo("OK")
 
 
+@docsync_cli.command("broadcast")
+@click.argument("topic")
+@click.argument("payload")
+def broadcast_command(topic: str, payload: str) -> None:
+    """Broadcast PAYLOAD (JSON) to every session subscribed to TOPIC.
+
+    For scripts and cron: the running server's workers and hosts get it
+    through DOCSYNC_REDIS_URL, which this app's config must name too.
+    Example: flask docsync broadcast prices '{"eur": 1.08}'
+    """
+    import json
+
+    from .errors import BroadcastError
+
+    try:
+        value = json.loads(payload)
+    except ValueError as exc:
+        raise click.ClickException(
+            f"PAYLOAD must be JSON ({exc}); quote it for the shell, e.g. '{{\"n\": 1}}' or '\"text\"'."
+        ) from None
+    try:
+        entry = current_app.extensions["docsync"].broadcasts.publish_now(topic, value)
+    except BroadcastError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"broadcast {entry} on {topic!r}")
+
+
 @docsync_cli.command("stats")
 @click.option("--url", default=None,
               help="Base URL of the running server's DocSync prefix, e.g. http://127.0.0.1:5000/docsync."

@@ -30,6 +30,8 @@ DEFAULT_SESSION_TOKEN_EXPIRATION = 300
 DEFAULT_WEBSOCKET_MAX_MESSAGE_SIZE = 20 * 1024 * 1024
 #: Messages waiting for a slow client before its connection is dropped.
 DEFAULT_OUTBOUND_QUEUE_SIZE = 1024
+DEFAULT_BROADCAST_MAX_BYTES = 256 * 1024
+DEFAULT_BROADCAST_HISTORY = 10_000
 #: A token above this size risks the 8 KB header limits of nginx and gunicorn.
 TOKEN_SIZE_WARNING = 6 * 1024
 
@@ -128,6 +130,19 @@ class Settings:
     #: collect (when cheap), clear the type cache and trim glibc's heap.
     #: ``False`` leaves the process's collector and allocator alone.
     reclaim_memory: bool = True
+    #: The Redis that joins the processes of a deployment, such as
+    #: ``redis://localhost:6379/0`` (``--redis-url``): broadcasts reach
+    #: every worker and host through it. ``None``: no Redis; a broadcast
+    #: reaches the sessions of its own process only.
+    redis_url: str | None = None
+    #: Of every Redis key, so that deployments can share one Redis.
+    redis_prefix: str = "docsync"
+    #: Largest broadcast payload (its JSON): each session of the topic gets
+    #: a copy, and one huge entry can stall every reader.
+    broadcast_max_bytes: int = DEFAULT_BROADCAST_MAX_BYTES
+    #: Broadcasts each topic's stream keeps (about): how far a worker may
+    #: fall behind, and how many wait while Redis is unreachable.
+    broadcast_history: int = DEFAULT_BROADCAST_HISTORY
 
     @property
     def signed(self) -> bool:
@@ -310,6 +325,25 @@ def _titles(value: Any, key: str) -> tuple[tuple[str, str], ...]:
     raise ConfigurationError(f"{key}={value!r} is not accepted; give a dict of route to title, or route=title pairs.")
 
 
+def _redis_url(value: Any, key: str) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    if isinstance(value, str) and value.strip().startswith(("redis://", "rediss://", "unix://")):
+        return value.strip()
+    raise ConfigurationError(
+        f"{key}={value!r} is not accepted; give a Redis URL such as redis://localhost:6379/0"
+        " (rediss:// for TLS, unix:///run/redis.sock), or None for no Redis."
+    )
+
+
+def _key_prefix(value: Any, key: str) -> str:
+    if isinstance(value, str) and value and value.isprintable() and " " not in value and len(value) <= 64:
+        return value
+    raise ConfigurationError(
+        f"{key}={value!r} is not accepted; give a short name without spaces, such as 'docsync' or 'shop-prod'."
+    )
+
+
 def _origins(value: Any, key: str) -> tuple[str, ...]:
     origins = _list(value, key) or ()
     if origins and "*" not in origins:
@@ -348,4 +382,8 @@ _PARSERS: dict[str, Any] = {
     "index_titles": _titles,
     "warm": _boolean,
     "reclaim_memory": _boolean,
+    "redis_url": _redis_url,
+    "redis_prefix": _key_prefix,
+    "broadcast_max_bytes": _integer(1, "bytes", "262144 (256 KiB)"),
+    "broadcast_history": _integer(1, "broadcasts", "10000"),
 }

@@ -218,6 +218,9 @@ class ApplicationContext:
         self.url_root = url_root
         #: The callbacks run by this app's sessions.
         self.callback_stats = CallbackStats()
+        #: The server's :class:`~flask_docsync.pubsub.Hub`, through which
+        #: the app's scripts subscribe and broadcast; ``None`` outside a server.
+        self.broadcasts: Any = None
         self.server_context = ServerContext(self)
         self._sessions: dict[str, ServerSession] = {}
         self._pending: dict[str, gevent.event.AsyncResult] = {}

@@ -50,6 +50,10 @@ class ConfigurationError(DocSyncError):
     """A setting, flag or app registration is invalid."""
 
 
+class BroadcastError(DocSyncError):
+    """A broadcast cannot be made: a bad topic or payload, or no way to Redis."""
+
+
 class UnknownApplication(DocSyncError, LookupError):
     """No Bokeh application is registered at a route.
 

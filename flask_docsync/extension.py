@@ -213,6 +213,22 @@ class DocSync:
         """
         return create_session(route, arguments)
 
+    def broadcast(self, topic: str, payload: Any, app: Flask | None = None) -> None:
+        """Send ``payload`` to every session subscribed to ``topic``
+        (``flask_docsync.subscribe(topic, handler)`` in the app script), in
+        every worker and host that shares ``DOCSYNC_REDIS_URL``; without
+        Redis, the sessions of this process only.
+
+        Call it from a view (say, after a database write) or a CLI command.
+        It returns once the broadcast is in Redis, or queued while Redis is
+        unreachable (sent in order when it is back).
+
+        :param payload: A JSON value, at most ``DOCSYNC_BROADCAST_MAX_BYTES``.
+        :param app: ``None`` is ``current_app``.
+        :raises BroadcastError: for a bad topic or payload, or a full outbox.
+        """
+        self.server(app).broadcasts.publish(topic, payload)
+
     def stop(self, app: Flask | None = None) -> None:
         """Stop an app's DocSync work: close its WebSockets (1001), destroy its
         sessions (their hooks run), run the apps' ``on_server_unloaded``

@@ -23,7 +23,7 @@ from .config import Settings
 from .connection import ServerConnection
 from .context import ApplicationContext, RequestData
 from .errors import CloseCode, ConfigurationError, SessionError, TokenError, UnknownApplication
-from . import deploy, monitor, panel, reclaim, routing, signals
+from . import deploy, monitor, panel, pubsub, reclaim, routing, signals
 from .scheduler import CallbackScheduler, new_session_clock
 from .session import ServerSession, live_sessions
 from .tokens import TokenPolicy, owner_tag
@@ -79,6 +79,10 @@ class DocSyncServer:
         self.serve_handed_over: Callable[[dict[str, Any], Any, bytes], None] | None = None
         #: Which worker is the home of each session (see :mod:`flask_docsync.routing`).
         self.router = routing.Router(settings.secret_key_bytes if settings.signed else None, self._serve_handed_over)
+        #: Broadcasts to the sessions of every worker (see :mod:`flask_docsync.pubsub`).
+        self.broadcasts = pubsub.Hub(
+            settings.redis_url, settings.redis_prefix, settings.broadcast_max_bytes, settings.broadcast_history,
+        )
         self._started = False
         self._stopping = False
         self._stop_hooked = False
@@ -93,10 +97,12 @@ class DocSyncServer:
             on_session_created=functools.partial(self._session_created, route),
             url_root=self.settings.url_prefix,
         )
+        context.broadcasts = self.broadcasts
         self.contexts[route] = context
         return context
 
     def _session_created(self, route: str, session: ServerSession) -> None:
+        self.broadcasts.attach(session)
         signals.session_created.send(self, session=session, route=route)
 
     def _make_scheduler(self, invoke: Callable[..., Any], name: str) -> CallbackScheduler:
@@ -170,6 +176,7 @@ class DocSyncServer:
             for context in self.contexts.values():
                 context.warm()
         self.reclaimer.start()
+        self.broadcasts.start()
         settings = self.settings
         loops = [("docsync-unused-session-cleanup", settings.check_unused_sessions_ms, DocSyncServer._cleanup)]
         if settings.keep_alive_ms > 0:
@@ -211,6 +218,7 @@ class DocSyncServer:
         for context in self.contexts.values():
             context.destroy_all(force=True)
             context.run_unload_hook()
+        self.broadcasts.stop()
         self._started = False
         self._stopping = False
 
@@ -364,6 +372,7 @@ class DocSyncServer:
             },
             "reclaim": dict(self.reclaimer.figures),
             "routing": self.router.stats(),
+            "broadcast": self.broadcasts.stats(),
             "apps": apps,
         }
 

@@ -358,6 +358,33 @@ class ServerSession:
             stats.runs += 1
             stats.seconds += time.perf_counter() - started
 
+    def run_as_callback(self, func: Callable[..., Any], *args: Any, what: str = "call") -> bool:
+        """Run ``func(*args)`` as a callback of this session: in the app's
+        scope, the document locked, ``curdoc()`` its document; what it
+        changes goes out when it returns, and a coroutine result is awaited.
+
+        An exception is logged and counted with the session's callback
+        errors. Returns whether ``func`` ran and returned; a destroyed
+        session runs nothing.
+        """
+        if self._destroyed:
+            return False
+        started = time.perf_counter()
+        try:
+            with monitor.running(lambda: f"Session {self._id}: {what}"), self._app_scope(), \
+                    compat.curdoc_as(self._document):
+                self.with_document_locked(func, *args)
+            return True
+        except gevent.GreenletExit:
+            raise
+        except (Exception, SystemExit):
+            self._callback_stats.errors += 1
+            log.exception("Session %s: error in %s %s; the session goes on", self._id, what, describe_callback(func))
+            return False
+        finally:
+            self._callback_stats.runs += 1
+            self._callback_stats.seconds += time.perf_counter() - started
+
     def _describe(self, callback: SessionCallback) -> str:
         return f"Session {self._id}: {type(callback).__name__} {describe_callback(callback)}"
 

@@ -1,0 +1,582 @@
+"""Broadcast: one publish reaches every session subscribed to its topic, in
+every worker of every host.
+
+With Redis (``DOCSYNC_REDIS_URL``) a broadcast is an entry of a Redis
+Stream per topic, ``<DOCSYNC_REDIS_PREFIX>:broadcast:<topic>``, trimmed to
+about ``DOCSYNC_BROADCAST_HISTORY`` entries. Each server runs one reader
+greenlet that follows the streams of the topics its sessions subscribe to
+(``XREAD BLOCK`` from the last entry it delivered), so:
+
+- every worker sees a topic's broadcasts in the stream's one order, its own
+  included (they are read back rather than delivered first locally, which
+  would let two workers' broadcasts arrive in different orders);
+- a reader that loses its connection (Redis restarted, ``CLIENT KILL``, a
+  network cut) carries on from where it stopped, missing nothing that
+  Redis still holds;
+- a broadcast made while Redis is unreachable waits in a bounded outbox
+  and is sent, in order, once Redis is back.
+
+Without Redis, broadcasts go through an in-process queue to this process's
+sessions only.
+
+Each broadcast is decoded once per worker. Its handlers run one session at
+a time, each under its session's document lock with ``curdoc()`` set, as a
+callback of that session (its changes go out as any callback's), with a
+yield to other greenlets between sessions.
+
+This module imports no Flask and no WebSocket code.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.queue
+
+from .errors import BroadcastError, ConfigurationError
+
+if TYPE_CHECKING:
+    from bokeh.document import Document
+
+    from .session import ServerSession
+
+log = logging.getLogger(__name__)
+
+#: Entries one XREAD returns at most, so a reader far behind catches up in
+#: bounded steps between which the worker serves everything else.
+READ_COUNT = 256
+#: How long one XREAD waits for new entries. A topic first subscribed while
+#: the reader waits is followed from its next read (nothing is missed: the
+#: reader starts it from the entry the subscriber saw last).
+READ_BLOCK_MS = 1000
+#: Longest wait between attempts to reach Redis again.
+MAX_BACKOFF = 5.0
+#: Longest topic name, so keys stay small.
+MAX_TOPIC_LENGTH = 200
+
+Handler = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """One broadcast as delivered: its topic, its id (the stream entry's,
+    ``<milliseconds>-<sequence>``; ordered), and the decoded payload."""
+
+    topic: str
+    id: str
+    payload: Any
+
+    @property
+    def published_ms(self) -> int:
+        return int(self.id.split("-", 1)[0])
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def check_topic(topic: Any) -> str:
+    if not isinstance(topic, str) or not topic or len(topic) > MAX_TOPIC_LENGTH or not topic.isprintable():
+        raise BroadcastError(
+            f"A broadcast topic must be a non-empty printable string of at most {MAX_TOPIC_LENGTH}"
+            f" characters, such as 'prices' or 'orders/eu'; got {topic!r}."
+        )
+    return topic
+
+
+def encode_payload(payload: Any, max_bytes: int) -> str:
+    """``payload`` as compact JSON, refused if it is not JSON or is too big.
+
+    :raises BroadcastError: saying what to do instead.
+    """
+    try:
+        data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise BroadcastError(
+            f"A broadcast payload must be a JSON value (dict, list, str, int, float, bool or None;"
+            f" no NaN): {exc}. Convert it first, e.g. frame.to_dict('list') or str(timestamp)."
+        ) from None
+    size = len(data.encode("utf-8"))
+    if size > max_bytes:
+        raise BroadcastError(
+            f"A broadcast payload of {size} bytes is over DOCSYNC_BROADCAST_MAX_BYTES ({max_bytes}):"
+            " every session of the topic gets a copy. Broadcast a key or a version instead and let"
+            " each session load the data, or raise the limit."
+        )
+    return data
+
+
+class _Subscription:
+    __slots__ = ("handler", "seen")
+
+    def __init__(self, handler: Handler, seen: str | None) -> None:
+        self.handler = handler
+        #: The id of the last broadcast this subscriber got (or saw as the
+        #: latest when it subscribed); older ones are not given to it.
+        self.seen = seen
+
+
+class _Topic:
+    def __init__(self, name: str, key: str) -> None:
+        self.name = name
+        self.key = key
+        #: Where the reader goes on from: the last entry delivered here.
+        self.last_id = "0-0"
+        #: The last broadcast delivered here, for subscribers that join later.
+        self.latest: Broadcast | None = None
+        self.subscribers: weakref.WeakKeyDictionary[Document, list[_Subscription]] = weakref.WeakKeyDictionary()
+        #: Whether the reader has asked Redis for this topic's latest entry.
+        self.primed = False
+
+
+class Hub:
+    """The broadcasts of one server (one Flask app's DocSync in one process).
+
+    :param redis_url: ``None`` for in-process broadcasts only.
+    :param prefix: Of every Redis key, so deployments can share a Redis.
+    :param max_bytes: Largest JSON payload accepted.
+    :param history: Entries each topic's stream keeps (about): how far a
+        worker may fall behind, and how many broadcasts wait in the outbox
+        while Redis is unreachable, before some are lost (or refused).
+    :param client_factory: ``client_factory(url, timeout)`` returns a
+        ``redis.Redis``; tests may pass another. ``None``: redis-py's.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None,
+        prefix: str = "docsync",
+        max_bytes: int = 256 * 1024,
+        history: int = 10_000,
+        client_factory: Callable[[str, float], Any] | None = None,
+    ) -> None:
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.max_bytes = max_bytes
+        self.history = history
+        self._client_factory = client_factory or _redis_client
+        self._topics: dict[str, _Topic] = {}
+        self._by_key: dict[bytes, _Topic] = {}
+        self._wake = gevent.event.Event()
+        self._local: gevent.queue.Queue[tuple[str, str]] = gevent.queue.Queue()
+        self._local_seq = 0
+        self._local_ms = 0
+        self._outbox: collections.deque[tuple[str, str]] = collections.deque()
+        self._outbox_flusher: gevent.Greenlet | None = None
+        self._publish_lock = gevent.lock.RLock()
+        self._publisher: Any = None
+        self._reader: gevent.Greenlet | None = None
+        self._stopped = False
+        self.figures = collections.Counter()  # type: ignore[var-annotated]
+        self.connected: bool | None = None
+        self.reader_alive_at: float | None = None
+        self.lag_ms: float | None = None
+        self.max_lag_ms = 0.0
+
+    # -- publishing --------------------------------------------------------
+
+    def key(self, topic: str) -> str:
+        return f"{self.prefix}:broadcast:{topic}"
+
+    def publish(self, topic: str, payload: Any) -> None:
+        """Broadcast ``payload`` to every subscriber of ``topic``.
+
+        Returns once the broadcast is in Redis, or queued in the outbox when
+        Redis cannot be reached (it is sent, in order, when Redis is back).
+
+        :raises BroadcastError: for a bad topic or payload, or when the
+            outbox is full because Redis has been unreachable for long.
+        """
+        check_topic(topic)
+        data = encode_payload(payload, self.max_bytes)
+        if self.redis_url is None:
+            self._local.put((topic, data))
+            self._ensure_reader()
+            self.figures["published"] += 1
+            return
+        with self._publish_lock:
+            if self._outbox:
+                self._queue(topic, data)
+                return
+            try:
+                self._xadd(topic, data)
+            except Exception as exc:
+                if not _is_connection_error(exc):
+                    raise
+                log.warning("Broadcast on %r waits for Redis (%s); it is sent when Redis is back", topic, exc)
+                self._queue(topic, data)
+                return
+        self.figures["published"] += 1
+
+    def publish_now(self, topic: str, payload: Any) -> str:
+        """Broadcast through Redis at once, without the outbox; return the entry id.
+
+        For a process that serves no sessions (``flask docsync broadcast``).
+
+        :raises BroadcastError: as :meth:`publish`, and when there is no
+            Redis or it cannot be reached.
+        """
+        check_topic(topic)
+        data = encode_payload(payload, self.max_bytes)
+        if self.redis_url is None:
+            raise BroadcastError(
+                "Broadcasting from outside the server needs Redis: set DOCSYNC_REDIS_URL (such as"
+                " redis://localhost:6379/0) in the app's config, for the server and this command."
+            )
+        try:
+            return self._xadd(topic, data)
+        except Exception as exc:
+            if not _is_connection_error(exc):
+                raise
+            raise BroadcastError(f"Redis at {_safe_url(self.redis_url)} cannot be reached: {exc}") from None
+
+    def _xadd(self, topic: str, data: str) -> str:
+        if self._publisher is None:
+            self._publisher = self._client_factory(self.redis_url, 5.0)  # type: ignore[arg-type]
+        entry_id = self._publisher.xadd(self.key(topic), {"p": data}, maxlen=self.history, approximate=True)
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    def _queue(self, topic: str, data: str) -> None:
+        if len(self._outbox) >= self.history:
+            self.figures["refused"] += 1
+            raise BroadcastError(
+                f"Redis at {_safe_url(self.redis_url)} has been unreachable for {len(self._outbox)}"
+                " broadcasts; this one is refused (DOCSYNC_BROADCAST_HISTORY bounds the outbox)."
+            )
+        self._outbox.append((topic, data))
+        if self._outbox_flusher is None or self._outbox_flusher.dead:
+            self._outbox_flusher = gevent.spawn(self._flush_outbox)
+            self._outbox_flusher.name = "docsync-broadcast-outbox"
+
+    def _flush_outbox(self) -> None:
+        backoff = 0.1
+        while self._outbox and not self._stopped:
+            with self._publish_lock:
+                try:
+                    while self._outbox:
+                        topic, data = self._outbox[0]
+                        self._xadd(topic, data)
+                        self._outbox.popleft()
+                        self.figures["published"] += 1
+                except Exception as exc:
+                    if not _is_connection_error(exc):
+                        topic, _ = self._outbox.popleft()
+                        log.exception("Broadcast on %r could not be sent; dropped", topic)
+                        continue
+                    self._publisher = None
+            if self._outbox:
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+        if not self._outbox:
+            log.info("Broadcasts sent after Redis came back")
+
+    # -- subscribing -------------------------------------------------------
+
+    def subscribe(self, doc: Document, topic: str, handler: Handler) -> None:
+        """Call ``handler(payload)`` for each broadcast on ``topic`` while ``doc``'s session lives.
+
+        If the topic has had a broadcast, ``handler`` is called with the
+        latest one at once (the caller is building or changing the
+        document), so a session that joins late starts from it.
+        """
+        check_topic(topic)
+        if not callable(handler):
+            raise BroadcastError(f"subscribe({topic!r}, handler) needs a callable handler, got {handler!r}.")
+        state = self._topic(topic)
+        if not state.primed:
+            self._prime(state)
+        latest = state.latest
+        state.subscribers.setdefault(doc, []).append(_Subscription(handler, latest.id if latest else None))
+        self._ensure_reader()
+        self._wake.set()
+        if latest is not None:
+            handler(latest.payload)
+
+    def _topic(self, name: str) -> _Topic:
+        state = self._topics.get(name)
+        if state is None:
+            state = self._topics[name] = _Topic(name, self.key(name))
+            self._by_key[state.key.encode()] = state
+        return state
+
+    def _prime(self, state: _Topic) -> None:
+        """Learn the topic's latest broadcast, and follow it from there."""
+        state.primed = True
+        if self.redis_url is None:
+            return
+        try:
+            if self._publisher is None:
+                self._publisher = self._client_factory(self.redis_url, 5.0)
+            entries = self._publisher.xrevrange(state.key, count=1)
+        except Exception as exc:
+            if not _is_connection_error(exc):
+                raise
+            state.primed = False
+            log.warning("Topic %r: its latest broadcast is not known (Redis: %s)", state.name, exc)
+            return
+        if entries:
+            entry_id, fields = entries[0]
+            broadcast = self._decode(state, entry_id, fields)
+            if broadcast is not None:
+                state.latest = broadcast
+                state.last_id = broadcast.id
+
+    def attach(self, session: ServerSession) -> None:
+        """The session of a subscribed document is live: give it what came meanwhile.
+
+        Broadcasts that arrive while the session is still being made are
+        delivered only to live sessions; a subscriber then gets the latest
+        of them here (the latest value, not every one).
+        """
+        doc = session.document
+        for state in self._topics.values():
+            latest = state.latest
+            for sub in state.subscribers.get(doc, ()):
+                if latest is not None and (sub.seen is None or _id_key(latest.id) > _id_key(sub.seen)):
+                    self._deliver(session, sub, latest)
+
+    # -- reading and delivering ---------------------------------------------
+
+    def start(self) -> None:
+        self._stopped = False
+        if any(state.subscribers for state in self._topics.values()) or not self._local.empty():
+            self._ensure_reader()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._local.put(("", ""))  # wakes the in-process reader
+        for greenlet in (self._reader, self._outbox_flusher):
+            if greenlet is not None:
+                greenlet.kill(block=True, timeout=5)
+        self._reader = self._outbox_flusher = None
+        for client in (self._publisher,):
+            _close(client)
+        self._publisher = None
+
+    def _ensure_reader(self) -> None:
+        if self._stopped or (self._reader is not None and not self._reader.dead):
+            return
+        target = self._read_local if self.redis_url is None else self._read_redis
+        self._reader = gevent.spawn(target)
+        self._reader.name = "docsync-broadcast-reader"
+
+    def _read_local(self) -> None:
+        while not self._stopped:
+            topic, data = self._local.get()
+            if self._stopped:
+                return
+            ms = int(time.time() * 1000)
+            self._local_seq = self._local_seq + 1 if ms <= self._local_ms else 0
+            self._local_ms = max(ms, self._local_ms)
+            state = self._topics.get(topic)
+            self.reader_alive_at = time.monotonic()
+            if state is None:
+                continue  # nobody here subscribes
+            self._dispatch(state, Broadcast(topic, f"{self._local_ms}-{self._local_seq}", json.loads(data)))
+
+    def _read_redis(self) -> None:
+        client = None
+        backoff = 0.1
+        down_since: float | None = None
+        while not self._stopped:
+            streams = {state.key: state.last_id for state in self._topics.values() if state.subscribers}
+            if not streams:
+                self._wake.clear()
+                self._wake.wait(READ_BLOCK_MS / 1000)
+                self.reader_alive_at = time.monotonic()
+                continue
+            try:
+                if client is None:
+                    client = self._client_factory(self.redis_url, READ_BLOCK_MS / 1000 + 5.0)  # type: ignore[arg-type]
+                for state in self._topics.values():
+                    if state.subscribers and not state.primed:
+                        self._prime(state)
+                reply = client.xread(streams, count=READ_COUNT, block=READ_BLOCK_MS)
+            except Exception as exc:
+                if not _is_connection_error(exc):
+                    log.exception("Broadcast reader: unexpected error; it goes on")
+                _close(client)
+                client = None
+                self.connected = False
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("Broadcast reader lost Redis at %s (%s); retrying", _safe_url(self.redis_url), exc)
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            self.reader_alive_at = time.monotonic()
+            self.connected = True
+            backoff = 0.1
+            if down_since is not None:
+                log.info("Broadcast reader reached Redis again after %.1f s", time.monotonic() - down_since)
+                down_since = None
+            for key, entries in reply or ():
+                state = self._by_key.get(key if isinstance(key, bytes) else str(key).encode())
+                if state is None:
+                    continue
+                for entry_id, fields in entries:
+                    broadcast = self._decode(state, entry_id, fields)
+                    if broadcast is not None:
+                        self._dispatch(state, broadcast)
+        _close(client)
+
+    def _decode(self, state: _Topic, entry_id: Any, fields: Any) -> Broadcast | None:
+        entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        state.last_id = entry
+        raw = fields.get(b"p", fields.get("p")) if isinstance(fields, dict) else None
+        try:
+            return Broadcast(state.name, entry, json.loads(raw))
+        except (TypeError, ValueError):
+            # Someone else's entry (a shared Redis, a hand-made XADD).
+            self.figures["malformed"] += 1
+            log.warning("Topic %r: entry %s is not a broadcast of ours; skipped", state.name, entry)
+            return None
+
+    def _dispatch(self, state: _Topic, broadcast: Broadcast) -> None:
+        state.latest = broadcast
+        lag = max(0.0, time.time() * 1000 - broadcast.published_ms)
+        self.lag_ms = lag
+        self.max_lag_ms = max(self.max_lag_ms, lag)
+        self.figures["received"] += 1
+        key = _id_key(broadcast.id)
+        for doc, subs in list(state.subscribers.items()):
+            session = getattr(doc.session_context, "_session", None)
+            if session is None:
+                continue  # still being made: attach() gives it the latest
+            if session.destroyed:
+                state.subscribers.pop(doc, None)
+                continue
+            for sub in list(subs):
+                if sub.seen is not None and _id_key(sub.seen) >= key:
+                    continue
+                self._deliver(session, sub, broadcast)
+            gevent.sleep(0)  # one session at a time: let the rest of the worker run
+
+    def _deliver(self, session: ServerSession, sub: _Subscription, broadcast: Broadcast) -> None:
+        sub.seen = broadcast.id
+        if session.run_as_callback(sub.handler, broadcast.payload, what=f"broadcast handler for {broadcast.topic!r}"):
+            self.figures["delivered"] += 1
+        else:
+            self.figures["handler_errors"] += 1
+
+    def forget(self, doc: Document) -> None:
+        """Drop the subscriptions of a destroyed session's document."""
+        for state in self._topics.values():
+            state.subscribers.pop(doc, None)
+
+    def stats(self) -> dict[str, Any]:
+        alive = self.reader_alive_at
+        return {
+            "redis": _safe_url(self.redis_url) if self.redis_url else None,
+            "connected": self.connected,
+            "topics": sorted(name for name, state in self._topics.items() if state.subscribers),
+            "subscriptions": sum(len(subs) for state in self._topics.values() for subs in state.subscribers.values()),
+            "published": self.figures["published"],
+            "received": self.figures["received"],
+            "delivered": self.figures["delivered"],
+            "handler_errors": self.figures["handler_errors"],
+            "refused": self.figures["refused"],
+            "outbox": len(self._outbox),
+            "reader_seconds_since_alive": None if alive is None else round(time.monotonic() - alive, 3),
+            "lag_ms": None if self.lag_ms is None else round(self.lag_ms, 1),
+            "max_lag_ms": round(self.max_lag_ms, 1),
+        }
+
+
+def _redis_client(url: str, timeout: float) -> Any:
+    try:
+        import redis
+    except ImportError:
+        raise ConfigurationError(
+            "DOCSYNC_REDIS_URL is set and the redis package is missing: pip install 'flask-docsync[redis]'."
+        ) from None
+    # Keepalive and health checks: a connection Redis or a middlebox closed
+    # silently must fail, not hang the reader.
+    return redis.Redis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=2.0, socket_keepalive=True,
+        health_check_interval=15, retry_on_timeout=False,
+    )
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    try:
+        import redis
+    except ImportError:  # pragma: no cover - a client from elsewhere
+        return isinstance(exc, (ConnectionError, TimeoutError, OSError))
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OSError))
+
+
+def _close(client: Any) -> None:
+    if client is not None:
+        try:
+            client.close()
+        except Exception:
+            pass
+
+
+def _safe_url(url: str | None) -> str:
+    """``url`` without its password, for logs and stats."""
+    if not url:
+        return ""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+# -- the API of app scripts ---------------------------------------------------
+
+
+def _hub_and_doc() -> tuple[Hub, Document]:
+    from bokeh.io import curdoc
+
+    doc = curdoc()
+    context = doc.session_context
+    app_context = getattr(getattr(context, "server_context", None), "application_context", None)
+    hub = getattr(app_context, "broadcasts", None)
+    if hub is None:
+        raise BroadcastError(
+            "subscribe() and broadcast() work in an app served by flask-docsync: call them while the"
+            " app builds its document or from one of its callbacks. In a Flask view use"
+            " docsync.broadcast(topic, payload)."
+        )
+    return hub, doc
+
+
+def subscribe(topic: str, handler: Handler) -> None:
+    """In an app script: call ``handler(payload)`` for every broadcast on ``topic``.
+
+    It runs under the session's document lock, with ``curdoc()`` the
+    session's document, so it may change the document as any callback
+    does. The subscription ends with the session. If the topic has had a
+    broadcast, ``handler`` is called with the latest one at once. The
+    payload is shared by the sessions of a worker: do not modify it.
+    """
+    hub, doc = _hub_and_doc()
+    hub.subscribe(doc, topic, handler)
+
+
+def broadcast(topic: str, payload: Any) -> None:
+    """In an app script: broadcast ``payload`` (a JSON value) to every
+    subscriber of ``topic``, this session's included.
+
+    :raises BroadcastError: for a payload that is not JSON or is over
+        ``DOCSYNC_BROADCAST_MAX_BYTES``.
+    """
+    hub, _ = _hub_and_doc()
+    hub.publish(topic, payload)

@@ -1,0 +1,40 @@
+"""A subscriber of broadcasts, for tests/test_broadcast.py.
+
+It subscribes to ``$BROADCAST_TOPIC`` (default ``numbers``). Each payload is
+``{"n": <int>}``; the document keeps how many arrived (``count``), the last
+``n`` (``last``) and a running hash of the ``n`` in arrival order
+(``order``): sessions that got the same broadcasts in the same order show
+the same three values, without the document growing with each one. The
+``pid`` Div names the worker; the ``send`` button broadcasts ``{"n": -1}``
+from the session's own callback.
+"""
+
+import os
+
+from bokeh.io import curdoc
+from bokeh.models import Button, Div
+
+import flask_docsync
+
+TOPIC = os.environ.get("BROADCAST_TOPIC", "numbers")
+MODULUS = 2**61 - 1
+
+doc = curdoc()
+count = Div(text="0", name="count")
+last = Div(text="-", name="last")
+order = Div(text="0", name="order")
+send = Button(label="send", name="send")
+# Before the button joins the document, which subscribes it to its events.
+send.on_click(lambda: flask_docsync.broadcast(TOPIC, {"n": -1}))
+doc.add_root(Div(text=str(os.getpid()), name="pid"))
+for model in (count, last, order, send):
+    doc.add_root(model)
+
+
+def got(payload):
+    count.text = str(int(count.text) + 1)
+    last.text = str(payload["n"])
+    order.text = str((int(order.text) * 1_000_003 + payload["n"] + 7) % MODULUS)
+
+
+flask_docsync.subscribe(TOPIC, got)

@@ -1,0 +1,136 @@
+"""Broadcasts without Redis (one process): the API, its refusals, delivery
+under each session's lock, the latest value for late subscribers, stats.
+
+The Redis-backed path, across gunicorn workers and hosts, is in
+tests/test_broadcast_redis.py.
+"""
+
+from __future__ import annotations
+
+import gevent
+import pytest
+from flask import Flask
+
+from conftest import APPS
+from flask_docsync import BroadcastError, DocSync
+from flask_docsync.testing import DocSyncTestClient
+
+
+@pytest.fixture
+def site():
+    app = Flask(__name__)
+    docsync = DocSync(url_prefix="/docsync")
+    docsync.add_app("/numbers", str(APPS / "broadcast_app.py"))
+    docsync.init_app(app)
+
+    @app.post("/publish/<int:n>")
+    def publish(n):
+        docsync.broadcast("numbers", {"n": n})
+        return "sent"
+
+    yield app, docsync
+    app.extensions["docsync"].stop()
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = gevent.Timeout(timeout)
+    deadline.start()
+    try:
+        while not predicate():
+            gevent.sleep(0.01)
+    finally:
+        deadline.close()
+
+
+def texts(session):
+    return tuple(session.model(name).text for name in ("count", "last", "order"))
+
+
+def test_a_view_broadcasts_to_every_subscribed_session_in_one_order(site):
+    app, _ = site
+    http = app.test_client()
+    with DocSyncTestClient(app) as client:
+        sessions = [client.open("/numbers") for _ in range(3)]
+        for n in range(1, 21):
+            assert http.post(f"/publish/{n}").status_code == 200
+        wait_for(lambda: all(s.model("count").text == "20" for s in sessions))
+        assert len({texts(s) for s in sessions}) == 1 and texts(sessions[0])[1] == "20"
+        # The changes reached the browsers, as any callback's do.
+        assert all(s.browser_model("count").text == "20" for s in sessions)
+        stats = client.server.stats()["broadcast"]
+        assert stats["published"] == 20 and stats["delivered"] == 60 and stats["subscriptions"] == 3
+
+
+def test_a_late_session_starts_from_the_latest_broadcast(site):
+    app, docsync = site
+    with app.app_context():
+        docsync.broadcast("numbers", {"n": 5})
+        docsync.broadcast("numbers", {"n": 6})
+    with DocSyncTestClient(app) as client:
+        early = client.open("/numbers")
+        wait_for(lambda: early.model("count").text in ("1", "2"))
+        gevent.sleep(0.05)
+        late = client.open("/numbers")
+        # In its first document, before any broadcast that follows.
+        assert late.browser_model("last").text == "6" and late.model("count").text == "1"
+
+
+def test_a_session_callback_broadcasts_to_the_others_and_itself(site):
+    app, _ = site
+    with DocSyncTestClient(app) as client:
+        a, b = client.open("/numbers"), client.open("/numbers")
+        a.click("send")
+        wait_for(lambda: a.model("last").text == "-1" and b.model("last").text == "-1")
+
+
+def test_a_failing_handler_is_logged_and_the_others_still_get_it(site, caplog):
+    app, docsync = site
+    with DocSyncTestClient(app) as client:
+        good = client.open("/numbers")
+        bad = client.open("/numbers")
+        with bad.server_session.locked() as doc:
+            doc.select_one({"name": "count"}).text = "not a number"
+        with app.app_context():
+            docsync.broadcast("numbers", {"n": 1})
+        wait_for(lambda: good.model("count").text == "1")
+        wait_for(lambda: client.server.stats()["broadcast"]["handler_errors"] == 1)
+        assert "error in broadcast handler for 'numbers'" in caplog.text
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"when": object()}, "must be a JSON value"),
+    (float("nan"), "must be a JSON value"),
+    ("x" * 300_000, "over DOCSYNC_BROADCAST_MAX_BYTES"),
+])
+def test_payloads_that_are_not_json_or_too_big_are_refused(site, payload, message):
+    app, docsync = site
+    with app.app_context(), pytest.raises(BroadcastError, match=message):
+        docsync.broadcast("numbers", payload)
+
+
+@pytest.mark.parametrize("topic", ["", "a\nb", "x" * 201, 7])
+def test_bad_topics_are_refused(site, topic):
+    app, docsync = site
+    with app.app_context(), pytest.raises(BroadcastError, match="topic must be"):
+        docsync.broadcast(topic, 1)
+
+
+def test_subscribe_outside_a_served_app_says_where_it_works():
+    import flask_docsync
+
+    with pytest.raises(BroadcastError, match="docsync.broadcast"):
+        flask_docsync.subscribe("numbers", print)
+
+
+def test_a_destroyed_session_gets_nothing_more(site):
+    app, docsync = site
+    with DocSyncTestClient(app) as client:
+        gone = client.open("/numbers")
+        kept = client.open("/numbers")
+        server_session = gone.server_session
+        gone.close()
+        wait_for(lambda: server_session.destroyed, timeout=20)
+        with app.app_context():
+            docsync.broadcast("numbers", {"n": 3})
+        wait_for(lambda: kept.model("count").text == "1")
+        assert client.server.stats()["broadcast"]["subscriptions"] == 1
