@@ -59,12 +59,15 @@ setup(
             "gevent-websocket>=0.10",
             # .ipynb apps (tests/apps/panel/notebook_app.ipynb), as bokeh and panel serve need.
             "nbconvert>=7",
+            "redis>=5",
             # The pairs the suite runs: Panel 1.9 on bokeh 3.9, Panel 1.10 on bokeh 3.10.
             'panel>=1.9.4,<1.10; python_version < "3.12"',
             'panel>=1.10,<1.11; python_version >= "3.12"',
         ],
         # Panel apps (flask_docsync.panel); Panel chooses the bokeh it needs.
         "panel": ["panel>=1.9.4,<1.11"],
+        # DOCSYNC_REDIS_URL: broadcasts across workers and hosts (flask_docsync.pubsub).
+        "redis": ["redis>=5"],
     },
     entry_points={"console_scripts": ["flask-docsync = flask_docsync.cli:main"]},
     classifiers=[

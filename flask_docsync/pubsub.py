@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import secrets
 import time
 import weakref
 from collections.abc import Callable
@@ -169,10 +170,21 @@ class Hub:
         self._topics: dict[str, _Topic] = {}
         self._by_key: dict[bytes, _Topic] = {}
         self._wake = gevent.event.Event()
-        self._local: gevent.queue.Queue[tuple[str, str]] = gevent.queue.Queue()
+        #: Broadcasts read (or published here, without Redis) and not yet
+        #: delivered. The reader takes entries off Redis as soon as they are
+        #: there, so that a Redis restart cannot lose what this worker has
+        #: not delivered yet; when this many wait, it stops reading (Redis
+        #: keeps the rest, up to ``history``).
+        self._inbox: gevent.queue.Queue[Broadcast | None] = gevent.queue.Queue(maxsize=history)
         self._local_seq = 0
         self._local_ms = 0
-        self._outbox: collections.deque[tuple[str, str]] = collections.deque()
+        #: Who publishes from this hub, and its count: readers drop a
+        #: broadcast they already have (one re-sent after a lost reply).
+        self._publisher_id = secrets.token_hex(6)
+        self._sequence = 0
+        self._last_seen: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._dispatcher: gevent.Greenlet | None = None
+        self._outbox: collections.deque[tuple[str, str, str]] = collections.deque()
         self._outbox_flusher: gevent.Greenlet | None = None
         self._publish_lock = gevent.lock.RLock()
         self._publisher: Any = None
@@ -201,21 +213,25 @@ class Hub:
         check_topic(topic)
         data = encode_payload(payload, self.max_bytes)
         if self.redis_url is None:
-            self._local.put((topic, data))
-            self._ensure_reader()
-            self.figures["published"] += 1
+            self._publish_locally(topic, data)
             return
         with self._publish_lock:
             if self._outbox:
-                self._queue(topic, data)
+                self._sequence += 1
+                self._queue(topic, data, f"{self._publisher_id}:{self._sequence}")
                 return
+            self._sequence += 1
+            unique = f"{self._publisher_id}:{self._sequence}"
             try:
-                self._xadd(topic, data)
+                self._xadd(topic, data, unique)
             except Exception as exc:
                 if not _is_connection_error(exc):
                     raise
+                # The entry may have been added before the connection broke;
+                # then readers drop the copy the outbox sends (same unique id).
                 log.warning("Broadcast on %r waits for Redis (%s); it is sent when Redis is back", topic, exc)
-                self._queue(topic, data)
+                self._publisher = None
+                self._queue(topic, data, unique)
                 return
         self.figures["published"] += 1
 
@@ -241,20 +257,41 @@ class Hub:
                 raise
             raise BroadcastError(f"Redis at {_safe_url(self.redis_url)} cannot be reached: {exc}") from None
 
-    def _xadd(self, topic: str, data: str) -> str:
+    def _publish_locally(self, topic: str, data: str) -> None:
+        ms = int(time.time() * 1000)
+        self._local_seq = self._local_seq + 1 if ms <= self._local_ms else 0
+        self._local_ms = max(ms, self._local_ms)
+        broadcast = Broadcast(topic, f"{self._local_ms}-{self._local_seq}", json.loads(data))
+        try:
+            self._inbox.put_nowait(broadcast)
+        except gevent.queue.Full:
+            self.figures["refused"] += 1
+            raise BroadcastError(
+                f"{self._inbox.qsize()} broadcasts wait to be delivered; this one is refused"
+                " (DOCSYNC_BROADCAST_HISTORY bounds them). Broadcast less often, or make the"
+                " subscribers' handlers faster."
+            ) from None
+        self.figures["published"] += 1
+        self._ensure_reader()
+
+    def _xadd(self, topic: str, data: str, unique: str | None = None) -> str:
         if self._publisher is None:
             self._publisher = self._client_factory(self.redis_url, 5.0)  # type: ignore[arg-type]
-        entry_id = self._publisher.xadd(self.key(topic), {"p": data}, maxlen=self.history, approximate=True)
+        if unique is None:
+            self._sequence += 1
+            unique = f"{self._publisher_id}:{self._sequence}"
+        entry_id = self._publisher.xadd(self.key(topic), {"p": data, "u": unique}, maxlen=self.history,
+                                        approximate=True)
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
-    def _queue(self, topic: str, data: str) -> None:
+    def _queue(self, topic: str, data: str, unique: str) -> None:
         if len(self._outbox) >= self.history:
             self.figures["refused"] += 1
             raise BroadcastError(
                 f"Redis at {_safe_url(self.redis_url)} has been unreachable for {len(self._outbox)}"
                 " broadcasts; this one is refused (DOCSYNC_BROADCAST_HISTORY bounds the outbox)."
             )
-        self._outbox.append((topic, data))
+        self._outbox.append((topic, data, unique))
         if self._outbox_flusher is None or self._outbox_flusher.dead:
             self._outbox_flusher = gevent.spawn(self._flush_outbox)
             self._outbox_flusher.name = "docsync-broadcast-outbox"
@@ -265,13 +302,13 @@ class Hub:
             with self._publish_lock:
                 try:
                     while self._outbox:
-                        topic, data = self._outbox[0]
-                        self._xadd(topic, data)
+                        topic, data, unique = self._outbox[0]
+                        self._xadd(topic, data, unique)
                         self._outbox.popleft()
                         self.figures["published"] += 1
                 except Exception as exc:
                     if not _is_connection_error(exc):
-                        topic, _ = self._outbox.popleft()
+                        topic, _, _ = self._outbox.popleft()
                         log.exception("Broadcast on %r could not be sent; dropped", topic)
                         continue
                     self._publisher = None
@@ -350,41 +387,39 @@ class Hub:
 
     def start(self) -> None:
         self._stopped = False
-        if any(state.subscribers for state in self._topics.values()) or not self._local.empty():
+        if any(state.subscribers for state in self._topics.values()) or not self._inbox.empty():
             self._ensure_reader()
 
     def stop(self) -> None:
         self._stopped = True
         self._wake.set()
-        self._local.put(("", ""))  # wakes the in-process reader
-        for greenlet in (self._reader, self._outbox_flusher):
+        for greenlet in (self._reader, self._dispatcher, self._outbox_flusher):
             if greenlet is not None:
                 greenlet.kill(block=True, timeout=5)
-        self._reader = self._outbox_flusher = None
-        for client in (self._publisher,):
-            _close(client)
+        self._reader = self._dispatcher = self._outbox_flusher = None
+        _close(self._publisher)
         self._publisher = None
 
     def _ensure_reader(self) -> None:
-        if self._stopped or (self._reader is not None and not self._reader.dead):
+        if self._stopped:
             return
-        target = self._read_local if self.redis_url is None else self._read_redis
-        self._reader = gevent.spawn(target)
-        self._reader.name = "docsync-broadcast-reader"
+        if self._dispatcher is None or self._dispatcher.dead:
+            self._dispatcher = gevent.spawn(self._dispatch_loop)
+            self._dispatcher.name = "docsync-broadcast-dispatcher"
+        if self.redis_url is not None and (self._reader is None or self._reader.dead):
+            self._reader = gevent.spawn(self._read_redis)
+            self._reader.name = "docsync-broadcast-reader"
 
-    def _read_local(self) -> None:
+    def _dispatch_loop(self) -> None:
         while not self._stopped:
-            topic, data = self._local.get()
-            if self._stopped:
-                return
-            ms = int(time.time() * 1000)
-            self._local_seq = self._local_seq + 1 if ms <= self._local_ms else 0
-            self._local_ms = max(ms, self._local_ms)
-            state = self._topics.get(topic)
-            self.reader_alive_at = time.monotonic()
-            if state is None:
-                continue  # nobody here subscribes
-            self._dispatch(state, Broadcast(topic, f"{self._local_ms}-{self._local_seq}", json.loads(data)))
+            broadcast = self._inbox.get()
+            if broadcast is None or self._stopped:
+                continue
+            if self.redis_url is None:
+                self.reader_alive_at = time.monotonic()
+            state = self._topics.get(broadcast.topic)
+            if state is not None:
+                self._dispatch(state, broadcast)
 
     def _read_redis(self) -> None:
         client = None
@@ -429,13 +464,29 @@ class Hub:
                 for entry_id, fields in entries:
                     broadcast = self._decode(state, entry_id, fields)
                     if broadcast is not None:
-                        self._dispatch(state, broadcast)
+                        # Waits while the dispatcher is `history` behind.
+                        self._inbox.put(broadcast)
         _close(client)
 
     def _decode(self, state: _Topic, entry_id: Any, fields: Any) -> Broadcast | None:
         entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
         state.last_id = entry
         raw = fields.get(b"p", fields.get("p")) if isinstance(fields, dict) else None
+        unique = fields.get(b"u", fields.get("u")) if isinstance(fields, dict) else None
+        if unique is not None:
+            publisher, _, number = (unique.decode() if isinstance(unique, bytes) else str(unique)).rpartition(":")
+            try:
+                sequence = int(number)
+            except ValueError:
+                sequence = None
+            if sequence is not None:
+                if self._last_seen.get(publisher, -1) >= sequence:
+                    self.figures["duplicates"] += 1
+                    return None
+                self._last_seen[publisher] = sequence
+                self._last_seen.move_to_end(publisher)
+                if len(self._last_seen) > 10_000:
+                    self._last_seen.popitem(last=False)
         try:
             return Broadcast(state.name, entry, json.loads(raw))
         except (TypeError, ValueError):
@@ -489,6 +540,8 @@ class Hub:
             "handler_errors": self.figures["handler_errors"],
             "refused": self.figures["refused"],
             "outbox": len(self._outbox),
+            "waiting": self._inbox.qsize(),
+            "duplicates": self.figures["duplicates"],
             "reader_seconds_since_alive": None if alive is None else round(time.monotonic() - alive, 3),
             "lag_ms": None if self.lag_ms is None else round(self.lag_ms, 1),
             "max_lag_ms": round(self.max_lag_ms, 1),

@@ -32,6 +32,21 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
   fi
 fi
 
+# redis-server for the broadcast tests (tests/test_broadcast_redis.py): each
+# test starts its own on a free port, without persistence. RUNLEVEL=1 keeps
+# the package from starting a system one.
+if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "Installing Debian redis-server for the broadcast tests..."
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    { $SUDO apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $SUDO apt-get install -y -qq redis-server >/dev/null; } \
+      || echo "could not install redis-server; the Redis broadcast tests will be skipped" >&2
+  else
+    echo "redis-server is missing and apt-get is not available; the Redis broadcast tests will be skipped" >&2
+  fi
+fi
+
 "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test]"
 "$PYTHON" -m pytest "$@"
 

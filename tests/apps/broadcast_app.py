@@ -1,6 +1,7 @@
 """A subscriber of broadcasts, for tests/test_broadcast.py.
 
-It subscribes to ``$BROADCAST_TOPIC`` (default ``numbers``). Each payload is
+It subscribes to the topic given as its argument (``add_app(..., argv=[topic])``),
+else ``numbers``. Each payload is
 ``{"n": <int>}``; the document keeps how many arrived (``count``), the last
 ``n`` (``last``) and a running hash of the ``n`` in arrival order
 (``order``): sessions that got the same broadcasts in the same order show
@@ -10,13 +11,14 @@ from the session's own callback.
 """
 
 import os
+import sys
 
 from bokeh.io import curdoc
 from bokeh.models import Button, Div
 
 import flask_docsync
 
-TOPIC = os.environ.get("BROADCAST_TOPIC", "numbers")
+TOPIC = sys.argv[1] if len(sys.argv) > 1 else "numbers"
 MODULUS = 2**61 - 1
 
 doc = curdoc()

@@ -1,0 +1,182 @@
+"""Broadcast through a real redis-server: gunicorn "hosts" of gevent workers,
+protocol clients that watch their sessions' documents change.
+
+tests/apps/broadcast_app.py keeps, per session, the number of broadcasts
+received, the last one and a hash of their order; sessions that got the
+same broadcasts in the same order show the same three values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from conftest import APPS, ROOT, RunningServer, free_port
+from redis_util import redis_server  # noqa: F401  (fixture)
+from wire import WireClient, fetch_token, find_model
+
+pytest.importorskip("redis")
+
+SECRET = "broadcast-secret-" + "b" * 32
+
+
+def start_host(redis_url: str, workers: int) -> RunningServer:
+    port = free_port()
+    cmd = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(workers), "--bind", f"127.0.0.1:{port}",
+           "--chdir", str(APPS), "--graceful-timeout", "5", "broadcast_site:create_app()"]
+    server = RunningServer(cmd, port, env={"TEST_SECRET": SECRET, "BROADCAST_REDIS_URL": redis_url})
+    server.wait_for_workers(workers, "/pid")
+    return server
+
+
+@pytest.fixture
+def hosts(redis_server):  # noqa: F811
+    started: list[RunningServer] = []
+
+    def start(workers: int = 2) -> RunningServer:
+        server = start_host(redis_server.url, workers)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+class Watcher(threading.Thread):
+    """A session of ``route`` whose count/last/order values follow its PATCH-DOCs."""
+
+    NAMES = ("count", "last", "order")
+
+    def __init__(self, server: RunningServer, route: str) -> None:
+        super().__init__(daemon=True)
+        token = fetch_token(server.url + route)
+        self.client = WireClient(server.ws_url + route + "/ws", token, timeout=60)
+        doc = self.client.handshake().content["doc"]
+        self.pid = int(find_model(doc, "pid")["attributes"]["text"])
+        self.button = find_model(doc, "send")["id"]
+        models = {name: find_model(doc, name) for name in self.NAMES}
+        self.ids = {m["id"]: name for name, m in models.items()}
+        self.values = {name: m["attributes"].get("text") for name, m in models.items()}
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            while True:
+                message = self.client.recv()
+                if message.msgtype != "PATCH-DOC":
+                    continue
+                for event in message.content["events"]:
+                    name = self.ids.get(event.get("model", {}).get("id"))
+                    if event.get("kind") == "ModelChanged" and name is not None:
+                        self.values[name] = event["new"]
+        except Exception as exc:  # the test ends it by closing
+            self.error = exc
+
+    def state(self) -> tuple[str, str, str]:
+        return tuple(self.values[name] for name in self.NAMES)  # type: ignore[return-value]
+
+    def click(self) -> None:
+        self.client.send("PATCH-DOC", {"events": [{
+            "kind": "MessageSent", "msg_type": "bokeh_event",
+            "msg_data": {"type": "event", "name": "button_click",
+                         "values": {"type": "map", "entries": [["model", {"id": self.button}]]}},
+        }]}, num_buffers=0)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def publish(server: RunningServer, start: int, count: int, rate: float = 0) -> dict:
+    request = urllib.request.Request(f"{server.url}/publish?start={start}&count={count}&rate={rate}", method="POST")
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.load(response)
+
+
+def wait_until(predicate, timeout: float, what) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(what())
+        time.sleep(0.05)
+
+
+def watchers(servers: list[RunningServer], route: str, count: int) -> list[Watcher]:
+    return [Watcher(servers[i % len(servers)], route) for i in range(count)]
+
+
+@pytest.mark.timeout(180)
+def test_every_session_on_every_worker_and_host_gets_every_broadcast_once_in_one_order(hosts, redis_server):  # noqa: F811
+    """Two hosts x 2 workers. Broadcasts from a view on each host at once,
+    from a session's own callback and from ``flask docsync broadcast``:
+    every session of the app gets each one once, all in the same order; the
+    sessions of the other app, subscribed to another topic, get none."""
+    a, b = hosts(), hosts()
+    numbers = watchers([a, b], "/numbers", 32)
+    others = watchers([a, b], "/other", 8)
+    try:
+        assert len({w.pid for w in numbers}) >= 3, "the sessions should be spread over the workers"
+        senders = [threading.Thread(target=publish, args=(server, start, 150)) for server, start in ((a, 1), (b, 1001))]
+        for thread in senders:
+            thread.start()
+        numbers[5].click()  # broadcasts {"n": -1} from that session's callback
+        for thread in senders:
+            thread.join(timeout=120)
+        env = {**os.environ, "TEST_SECRET": SECRET, "BROADCAST_REDIS_URL": redis_server.url,
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), str(APPS), os.environ.get("PYTHONPATH")]))}
+        done = subprocess.run([sys.executable, "-m", "flask", "--app", "broadcast_site:create_app()", "docsync",
+                               "broadcast", "numbers", '{"n": 7}'], capture_output=True, text=True, env=env,
+                              cwd=str(APPS), timeout=60)
+        assert done.returncode == 0 and "broadcast " in done.stdout, done.stderr
+        total = str(150 + 150 + 1 + 1)
+        wait_until(lambda: all(w.values["count"] == total for w in numbers), 60,
+                   lambda: sorted({w.values["count"] for w in numbers}))
+        states = {w.state() for w in numbers}
+        assert len(states) == 1, f"sessions differ: {states}"
+        assert next(iter(states))[1] == "7", "the CLI's broadcast came last"
+        assert all(w.values["count"] == "0" for w in others)
+        assert not [w.error for w in numbers + others if w.error]
+        for server in (a, b):
+            assert "Traceback" not in server.log(), server.log()[-3000:]
+    finally:
+        for w in numbers + others:
+            w.close()
+
+
+@pytest.mark.timeout(180)
+def test_nothing_is_lost_across_a_redis_restart_and_killed_connections(hosts, redis_server):  # noqa: F811
+    """Broadcasts at 50/s while redis-server is stopped for 2 s and started
+    empty (no persistence), then while every Redis connection is killed
+    (``CLIENT KILL``): each session gets all of them once, in one order."""
+    server = hosts()
+    numbers = watchers([server], "/numbers", 12)
+    try:
+        sender = threading.Thread(target=publish, args=(server, 1, 200, 50))
+        sender.start()
+        time.sleep(1.0)
+        redis_server.restart(down_for=2.0)
+        sender.join(timeout=120)
+        sender = threading.Thread(target=publish, args=(server, 201, 100, 50))
+        sender.start()
+        for _ in range(3):
+            time.sleep(0.5)
+            assert redis_server.kill_clients() >= 1
+        sender.join(timeout=120)
+        wait_until(lambda: all(w.values["count"] == "300" for w in numbers), 60,
+                   lambda: sorted({w.values["count"] for w in numbers}))
+        states = {w.state() for w in numbers}
+        assert len(states) == 1 and next(iter(states))[1] == "300", states
+        log = server.log()
+        assert "waits for Redis" in log and "Broadcast reader lost Redis" in log, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        for w in numbers:
+            w.close()
