@@ -409,6 +409,14 @@ class DocSyncServer:
                 " %d taken from them, %d sessions made anew for gone workers", s["pid"], r["tag"],
                 r["attached"], r["handed_over"], r["received"], r["adopted"],
             )
+        b = s["broadcast"]
+        if b["topics"] or b["published"]:
+            stats_log.debug(
+                "[pid %d] broadcasts: %d published, %d received, %d delivered to %d subscriptions"
+                " (%d handler errors), %d in the outbox, %d waiting, reader alive %s s ago, lag %s ms",
+                s["pid"], b["published"], b["received"], b["delivered"], b["subscriptions"],
+                b["handler_errors"], b["outbox"], b["waiting"], b["reader_seconds_since_alive"], b["lag_ms"],
+            )
 
     def _keepalive(self) -> None:
         for connection in list(self.connections):

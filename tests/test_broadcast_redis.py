@@ -27,11 +27,11 @@ pytest.importorskip("redis")
 SECRET = "broadcast-secret-" + "b" * 32
 
 
-def start_host(redis_url: str, workers: int) -> RunningServer:
+def start_host(redis_url: str, workers: int, **env: str) -> RunningServer:
     port = free_port()
     cmd = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(workers), "--bind", f"127.0.0.1:{port}",
            "--chdir", str(APPS), "--graceful-timeout", "5", "broadcast_site:create_app()"]
-    server = RunningServer(cmd, port, env={"TEST_SECRET": SECRET, "BROADCAST_REDIS_URL": redis_url})
+    server = RunningServer(cmd, port, env={"TEST_SECRET": SECRET, "BROADCAST_REDIS_URL": redis_url, **env})
     server.wait_for_workers(workers, "/pid")
     return server
 
@@ -40,8 +40,8 @@ def start_host(redis_url: str, workers: int) -> RunningServer:
 def hosts(redis_server):  # noqa: F811
     started: list[RunningServer] = []
 
-    def start(workers: int = 2) -> RunningServer:
-        server = start_host(redis_server.url, workers)
+    def start(workers: int = 2, **env: str) -> RunningServer:
+        server = start_host(redis_server.url, workers, **env)
         started.append(server)
         return server
 
@@ -180,3 +180,52 @@ def test_nothing_is_lost_across_a_redis_restart_and_killed_connections(hosts, re
     finally:
         for w in numbers:
             w.close()
+
+
+def pulled_state(server: RunningServer, route: str, token: str) -> tuple[int, tuple[str, str, str]]:
+    """(worker pid, (count, last, order)) of the session of ``token``, from a fresh PULL-DOC."""
+    with WireClient(server.ws_url + route + "/ws", token, timeout=30) as client:
+        doc = client.handshake().content["doc"]
+    values = tuple(find_model(doc, name)["attributes"].get("text") for name in Watcher.NAMES)
+    return int(find_model(doc, "pid")["attributes"]["text"]), values  # type: ignore[return-value]
+
+
+@pytest.mark.timeout(300)
+def test_two_thousand_broadcasts_at_50_per_second_reach_300_sessions_on_two_hosts(hosts):
+    """The issue's figures: 2 hosts x 2 workers, 300 sessions of one app and
+    100 of another; 2,000 numbered broadcasts at 50/s, half from a Flask
+    view and half from a session's periodic callback. Every session of the
+    app has all 2,000 once, in the same order; the other app's none.
+
+    The sessions are made by page views and have no WebSocket while the
+    broadcasts run (their handlers run all the same); each is pulled once
+    at the end, as a browser that reconnects would see it.
+    """
+    a, b = hosts(BROADCAST_UNUSED_LIFETIME_MS="600000"), hosts(BROADCAST_UNUSED_LIFETIME_MS="600000")
+    pages = []
+    for i in range(400):
+        server, route = (a, b)[i % 2], "/numbers" if i < 300 else "/other"
+        pages.append((server, route, fetch_token(server.url + route)))
+    view = threading.Thread(target=publish, args=(a, 1, 1000, 25))
+    started = time.monotonic()
+    view.start()
+    # The other half from a session of host B's app, by its periodic callback.
+    fetch_token(b.url + "/numbers?publish_from=100001&publish_count=1000&publish_rate=25")
+    view.join(timeout=200)
+    expected = str(2000)
+
+    def behind() -> list[str]:
+        return [state[1][0] for state in (pulled_state(*page) for page in pages[:300:37])]
+
+    wait_until(lambda: set(behind()) == {expected}, 120, lambda: f"counts of a sample: {behind()}")
+    elapsed = time.monotonic() - started
+    states = [pulled_state(server, route, token) for server, route, token in pages]
+    numbers = {values for _, values in states[:300]}
+    assert {values[0] for values in numbers} == {expected}, sorted({v[0] for v in numbers})
+    # 301 sessions of /numbers (the publisher's own too); all agree.
+    assert len(numbers) == 1, f"{len(numbers)} different orders"
+    assert {values[0] for _, values in states[300:]} == {"0"}
+    assert len({pid for pid, _ in states}) == 4, "every worker of both hosts held sessions"
+    for server in (a, b):
+        assert "Traceback" not in server.log(), server.log()[-3000:]
+    print(f"2000 broadcasts to 301 sessions on 4 workers delivered in {elapsed:.1f} s")

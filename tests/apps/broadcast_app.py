@@ -7,7 +7,9 @@ else ``numbers``. Each payload is
 (``order``): sessions that got the same broadcasts in the same order show
 the same three values, without the document growing with each one. The
 ``pid`` Div names the worker; the ``send`` button broadcasts ``{"n": -1}``
-from the session's own callback.
+from the session's own callback. With page arguments ``publish_from=S``,
+``publish_count=C`` and ``publish_rate=R`` the session also broadcasts
+``{"n": S}`` ... ``{"n": S+C-1}`` from a periodic callback, R per second.
 """
 
 import os
@@ -40,3 +42,21 @@ def got(payload):
 
 
 flask_docsync.subscribe(TOPIC, got)
+
+
+def _argument(name, default):
+    values = doc.session_context.request.arguments.get(name) if doc.session_context else None
+    return int(values[0]) if values else default
+
+
+_first, _count, _rate = _argument("publish_from", 0), _argument("publish_count", 0), _argument("publish_rate", 10)
+if _count:
+    _next = [_first]
+
+    def _tick():
+        flask_docsync.broadcast(TOPIC, {"n": _next[0]})
+        _next[0] += 1
+        if _next[0] >= _first + _count:
+            doc.remove_periodic_callback(_ticker)
+
+    _ticker = doc.add_periodic_callback(_tick, 1000 / _rate)

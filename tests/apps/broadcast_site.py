@@ -27,6 +27,8 @@ def create_app():
         DOCSYNC_REDIS_URL=os.environ.get("BROADCAST_REDIS_URL"),
         DOCSYNC_URL_PREFIX="",
         DOCSYNC_KEEP_ALIVE_MS=5000,
+        # Sessions without a connection, made by page views, live as long as a test needs.
+        DOCSYNC_UNUSED_SESSION_LIFETIME_MS=int(os.environ.get("BROADCAST_UNUSED_LIFETIME_MS", 15000)),
     )
     docsync = DocSync()
     docsync.add_app("/numbers", str(HERE / "broadcast_app.py"), argv=["numbers"])
