@@ -347,10 +347,19 @@ class Hub:
             self._by_key[state.key.encode()] = state
         return state
 
-    def _prime(self, state: _Topic) -> None:
-        """Learn the topic's latest broadcast, and follow it from there."""
+    def _prime(self, state: _Topic, force: bool = False) -> None:
+        """Learn the topic's latest broadcast, and follow it from there.
+
+        Until then the reader does not follow the topic: from the start of
+        its stream it would deliver old broadcasts as new.
+        """
         state.primed = True
         if self.redis_url is None:
+            return
+        if self.connected is False and not force:
+            # Known to be down: do not make every new session wait for a
+            # connect timeout; the reader primes the topic once Redis is back.
+            state.primed = False
             return
         try:
             if self._publisher is None:
@@ -360,6 +369,8 @@ class Hub:
             if not _is_connection_error(exc):
                 raise
             state.primed = False
+            self.connected = False
+            self._publisher = None
             log.warning("Topic %r: its latest broadcast is not known (Redis: %s)", state.name, exc)
             return
         if entries:
@@ -391,6 +402,9 @@ class Hub:
             self._ensure_reader()
 
     def stop(self) -> None:
+        if self._outbox:
+            log.warning("%d broadcast(s) waiting for Redis are dropped: the server stops", len(self._outbox))
+            self._outbox.clear()
         self._stopped = True
         self._wake.set()
         for greenlet in (self._reader, self._dispatcher, self._outbox_flusher):
@@ -426,8 +440,8 @@ class Hub:
         backoff = 0.1
         down_since: float | None = None
         while not self._stopped:
-            streams = {state.key: state.last_id for state in self._topics.values() if state.subscribers}
-            if not streams:
+            wanted = [state for state in self._topics.values() if state.subscribers]
+            if not wanted:
                 self._wake.clear()
                 self._wake.wait(READ_BLOCK_MS / 1000)
                 self.reader_alive_at = time.monotonic()
@@ -435,9 +449,12 @@ class Hub:
             try:
                 if client is None:
                     client = self._client_factory(self.redis_url, READ_BLOCK_MS / 1000 + 5.0)  # type: ignore[arg-type]
-                for state in self._topics.values():
-                    if state.subscribers and not state.primed:
-                        self._prime(state)
+                for state in wanted:
+                    if not state.primed:
+                        self._prime(state, force=True)
+                streams = {state.key: state.last_id for state in wanted if state.primed}
+                if not streams:
+                    raise ConnectionError("the topics' latest entries could not be read")
                 reply = client.xread(streams, count=READ_COUNT, block=READ_BLOCK_MS)
             except Exception as exc:
                 if not _is_connection_error(exc):
