@@ -134,3 +134,41 @@ def test_a_destroyed_session_gets_nothing_more(site):
             docsync.broadcast("numbers", {"n": 3})
         wait_for(lambda: kept.model("count").text == "1")
         assert client.server.stats()["broadcast"]["subscriptions"] == 1
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("DOCSYNC_REDIS_URL", "localhost:6379", "give a Redis URL such as redis://localhost:6379/0"),
+    ("DOCSYNC_REDIS_PREFIX", "my app", "a short name without spaces"),
+    ("DOCSYNC_BROADCAST_MAX_BYTES", 0, "at least 1"),
+    ("DOCSYNC_BROADCAST_HISTORY", "many", "an integer number of broadcasts"),
+])
+def test_redis_and_broadcast_settings_are_validated_by_name(key, value, message):
+    from flask_docsync import ConfigurationError
+
+    app = Flask(__name__)
+    app.config[key] = value
+    with pytest.raises(ConfigurationError, match=key) as caught:
+        DocSync(app)
+    assert message in str(caught.value)
+
+
+def test_a_redis_password_stays_out_of_logs_and_stats():
+    from flask_docsync.pubsub import Hub, _safe_url
+
+    assert _safe_url("redis://user:s3cret@cache:6380/2") == "redis://user:***@cache:6380/2"
+    assert "s3cret" not in str(Hub("redis://:s3cret@cache/0").stats())
+
+
+def test_a_copy_resent_after_a_lost_reply_is_dropped_by_readers():
+    # The publisher's outbox re-sends with the same publisher sequence when
+    # it cannot know whether Redis took the first try.
+    from flask_docsync.pubsub import Hub
+
+    hub = Hub("redis://127.0.0.1:1/0")
+    state = hub._topic("t")
+    first = hub._decode(state, b"1-0", {b"p": b"1", b"u": b"pub:1"})
+    again = hub._decode(state, b"2-0", {b"p": b"1", b"u": b"pub:1"})
+    other = hub._decode(state, b"3-0", {b"p": b"2", b"u": b"other:1"})
+    assert first is not None and again is None and other is not None
+    assert state.last_id == "3-0" and hub.figures["duplicates"] == 1
+    assert hub._decode(state, b"4-0", {b"x": b"not ours"}) is None and hub.figures["malformed"] == 1
