@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.event
+import gevent.monkey
 import gevent.lock
 import gevent.queue
 
@@ -184,6 +185,7 @@ class Hub:
         self._sequence = 0
         self._last_seen: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._dispatcher: gevent.Greenlet | None = None
+        self._thread = _os_thread_id()
         self._outbox: collections.deque[tuple[str, str, str]] = collections.deque()
         self._outbox_flusher: gevent.Greenlet | None = None
         self._publish_lock = gevent.lock.RLock()
@@ -211,6 +213,7 @@ class Hub:
             outbox is full because Redis has been unreachable for long.
         """
         check_topic(topic)
+        self._check_thread()
         data = encode_payload(payload, self.max_bytes)
         if self.redis_url is None:
             self._publish_locally(topic, data)
@@ -234,6 +237,17 @@ class Hub:
                 self._queue(topic, data, unique)
                 return
         self.figures["published"] += 1
+
+    def _check_thread(self) -> None:
+        # The outbox, the inbox and the Redis connections belong to the
+        # event loop's thread; from a worker thread (offload(), a pool) they
+        # would be used by two threads at once.
+        if _os_thread_id() != self._thread:
+            raise BroadcastError(
+                "broadcast() was called from a thread other than the server's event loop (offload(),"
+                " a thread pool): return the payload from the thread and broadcast it from the"
+                " callback or view that started the work."
+            )
 
     def publish_now(self, topic: str, payload: Any) -> str:
         """Broadcast through Redis at once, without the outbox; return the entry id.
@@ -328,6 +342,7 @@ class Hub:
         document), so a session that joins late starts from it.
         """
         check_topic(topic)
+        self._check_thread()
         if not callable(handler):
             raise BroadcastError(f"subscribe({topic!r}, handler) needs a callable handler, got {handler!r}.")
         state = self._topic(topic)
@@ -563,6 +578,11 @@ class Hub:
             "lag_ms": None if self.lag_ms is None else round(self.lag_ms, 1),
             "max_lag_ms": round(self.max_lag_ms, 1),
         }
+
+
+#: The OS thread's id even where threading is monkey-patched (there
+#: ``threading.get_ident`` names the greenlet).
+_os_thread_id = gevent.monkey.get_original("_thread", "get_ident")
 
 
 def _redis_client(url: str, timeout: float) -> Any:

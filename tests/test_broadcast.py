@@ -172,3 +172,16 @@ def test_a_copy_resent_after_a_lost_reply_is_dropped_by_readers():
     assert first is not None and again is None and other is not None
     assert state.last_id == "3-0" and hub.figures["duplicates"] == 1
     assert hub._decode(state, b"4-0", {b"x": b"not ours"}) is None and hub.figures["malformed"] == 1
+
+
+def test_a_broadcast_from_a_worker_thread_is_refused_with_what_to_do(site):
+    from flask_docsync import offload
+
+    app, docsync = site
+
+    def from_thread():
+        with app.app_context():
+            docsync.broadcast("numbers", {"n": 1})
+
+    with pytest.raises(BroadcastError, match="return the payload from the thread"):
+        offload(from_thread)
