@@ -428,7 +428,15 @@ def serve_with_gunicorn(options: argparse.Namespace) -> int:
         return 1
     _configure_logging(options)
     _print_urls([], options.address, options.port, options.prefix)
-    _App().run()  # exits with gunicorn's status when a worker cannot boot
+    from gunicorn.errors import HaltServer
+
+    try:
+        _App().run()  # exits with gunicorn's status when a worker cannot boot
+    except HaltServer as exc:
+        # gunicorn raises it out of its own halt when a second worker fails
+        # to boot while the first one's failure stops the arbiter.
+        print(f"flask-docsync: {exc.reason}", file=sys.stderr)
+        return int(exc.exit_status)
     return 0
 
 
