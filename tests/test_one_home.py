@@ -434,7 +434,9 @@ def test_a_dead_workers_sessions_reconnect_at_once_each_made_anew_once(home):
 
     def reconnect(token: str, session_id: str) -> None:
         try:
-            with connect(server, token) as client:
+            # A browser's opening handshake has far longer than 10 s; a
+            # loaded 2-core CI machine making 86 sessions at once may need it.
+            with connect(server, token, timeout=60) as client:
                 results[session_id] = state(client.handshake())
         except Exception as exc:  # recorded, asserted below
             results[session_id] = exc
