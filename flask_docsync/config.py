@@ -30,6 +30,7 @@ DEFAULT_SESSION_TOKEN_EXPIRATION = 300
 DEFAULT_WEBSOCKET_MAX_MESSAGE_SIZE = 20 * 1024 * 1024
 #: Messages waiting for a slow client before its connection is dropped.
 DEFAULT_OUTBOUND_QUEUE_SIZE = 1024
+DEFAULT_OUTBOUND_QUEUE_BYTES = 64 * 1024 * 1024
 DEFAULT_BROADCAST_MAX_BYTES = 256 * 1024
 DEFAULT_BROADCAST_HISTORY = 10_000
 #: A token above this size risks the 8 KB header limits of nginx and gunicorn.
@@ -95,6 +96,11 @@ class Settings:
     include_cookies: tuple[str, ...] | None = None
     exclude_cookies: tuple[str, ...] | None = None
     outbound_queue_size: int = DEFAULT_OUTBOUND_QUEUE_SIZE
+    #: Message data that may wait for a slow client, bytes: a queue of a
+    #: few large messages (pulled documents, big streamed columns) would
+    #: otherwise hold up to ``outbound_queue_size`` times their size.
+    #: ``None``: only the message count bounds it.
+    outbound_queue_bytes: int | None = DEFAULT_OUTBOUND_QUEUE_BYTES
     #: When a reconnecting browser's session is gone (its worker restarted)
     #: and its token has expired, create a fresh session instead of refusing.
     #: ``None`` does so when tokens are signed, since then only this
@@ -372,6 +378,7 @@ _PARSERS: dict[str, Any] = {
     "include_cookies": _list,
     "exclude_cookies": _list,
     "outbound_queue_size": _integer(1, "messages", "1024"),
+    "outbound_queue_bytes": _integer(1, "bytes", "67108864 (64 MiB)", none_means="no limit but the message count"),
     "recreate_expired_sessions": _optional_boolean,
     "blocking_warning_ms": _integer(0, "milliseconds", "1000 (0 turns the warning off)"),
     "stats_log_ms": _integer(0, "milliseconds", "15000 (0 turns the log off)"),

@@ -63,6 +63,10 @@ class _Close:
 _STOP = object()
 
 
+def _size(frames: list[str | bytes]) -> int:
+    return sum(len(frame) for frame in frames)
+
+
 class ServerConnection:
     """Serves one WebSocket for one session.
 
@@ -72,6 +76,10 @@ class ServerConnection:
         the queue is full the client is too far behind to catch up: it is
         sent close 1008 (or cut off if it does not read even that) and the
         session stays, so the client can reconnect and pull a fresh copy.
+    :param max_queue_bytes: The most message data (bytes, and characters of
+        text frames) that may wait for a slow client, so that a queue of large
+        messages is bounded as well; a message bigger than the limit still
+        goes out when the queue is empty. ``None`` means no limit.
     :param max_message_size: The largest Bokeh message the client may send,
         all its WebSocket messages together (see
         :class:`~flask_docsync.protocol.MessageDecoder`); a larger one
@@ -79,13 +87,17 @@ class ServerConnection:
     """
 
     def __init__(
-        self, ws: Transport, session: ServerSession, max_queue: int, max_message_size: int | None = None
+        self, ws: Transport, session: ServerSession, max_queue: int, max_message_size: int | None = None,
+        max_queue_bytes: int | None = None,
     ) -> None:
         self.id = next(_ids)
         self.ws = ws
         self.session = session
         self._queue: gevent.queue.Queue[Any] = gevent.queue.Queue(maxsize=max_queue)
         self._decoder = MessageDecoder(max_message_size)
+        self._max_queue_bytes = max_queue_bytes
+        #: The size of the messages in the queue (see ``max_queue_bytes``).
+        self._queued_bytes = 0
         self._closing = False
         self._sending = False
         #: When the writer began writing the last ping; ``None`` before the first.
@@ -115,14 +127,25 @@ class ServerConnection:
     def queued(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
     def send_frames(self, frames: list[str | bytes]) -> None:
         """Queue one whole message; never blocks."""
         if self._closing:
+            return
+        size = _size(frames)
+        limit = self._max_queue_bytes
+        if limit is not None and self._queued_bytes + size > limit and not self._queue.empty():
+            self._overflow()
             return
         try:
             self._queue.put_nowait(frames)
         except gevent.queue.Full:
             self._overflow()
+            return
+        self._queued_bytes += size
 
     def send_message(self, message: Message[Any]) -> None:
         self.send_frames(encode(message))
@@ -140,8 +163,8 @@ class ServerConnection:
     def _overflow(self) -> None:
         log.warning(
             "Session %s: connection %d fell %d messages behind; closing it with 1008"
-            " (the session stays open for a reconnect)",
-            self.session.id, self.id, self._queue.qsize(),
+            " (%d bytes were queued; the session stays open for a reconnect)",
+            self.session.id, self.id, self._queue.qsize(), self._queued_bytes,
         )
         self._closing = True
         self._drop_queue_and_close(CloseCode.POLICY_VIOLATION, "client too slow: outbound queue full")
@@ -152,6 +175,7 @@ class ServerConnection:
                 self._queue.get_nowait()
             except gevent.queue.Empty:
                 break
+        self._queued_bytes = 0
 
     def _drop_queue_and_close(self, code: int, reason: str) -> None:
         self._drop_queue()
@@ -241,6 +265,8 @@ class ServerConnection:
                         break
                     frames.extend(item)
                     item = None
+                # Counted out when taken: from here the writer holds them.
+                self._queued_bytes = max(0, self._queued_bytes - _size(frames))
                 ws.send_many(frames)
                 # Not kept while waiting: an idle connection would hold its
                 # last message (often the whole PULL-DOC-REPLY) for good.

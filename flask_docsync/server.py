@@ -325,7 +325,8 @@ class DocSyncServer:
         """Serve an accepted WebSocket until it closes."""
         settings = self.settings
         connection = ServerConnection(
-            ws, session, settings.outbound_queue_size, settings.websocket_max_message_size
+            ws, session, settings.outbound_queue_size, settings.websocket_max_message_size,
+            settings.outbound_queue_bytes,
         )
         self.connections.add(connection)
         try:
@@ -366,6 +367,7 @@ class DocSyncServer:
             "live_sessions_in_process": len(live_sessions()),
             "connections": len(self.connections),
             "queued_messages": sum(c.queued for c in self.connections),
+            "queued_bytes": sum(c.queued_bytes for c in self.connections),
             "greenlets_scheduled": sum(a["callbacks"] for a in apps.values()),
             "callbacks": {
                 key: sum(a["callback_runs"][key] for a in apps.values()) for key in ("runs", "errors", "seconds")

@@ -199,3 +199,33 @@ def test_a_ping_stuck_behind_a_write_the_peer_does_not_take_is_a_miss(connection
         conn.keepalive()
         gevent.sleep(0.01)
     assert conn._closing and "ping" not in ws.wire
+
+
+# -- slow clients: the queue's bound in bytes ---------------------------------------
+
+
+def test_a_slow_client_is_closed_when_its_queue_holds_too_many_bytes(connection):
+    ws = ScriptedWebSocket()
+    ws.stall["message"] = 60  # the client reads nothing
+    conn = ServerConnection(ws, ScriptedSession(), max_queue=1000, max_queue_bytes=1000)
+    try:
+        conn.send_frames(["x" * 10])
+        gevent.sleep(0.01)  # the writer is stuck inside that write
+        for _ in range(2):
+            conn.send_frames(["y" * 400])
+        assert not conn._closing and conn.queued_bytes == 800
+        conn.send_frames(["z" * 400])  # 1,200 bytes would wait: too far behind
+        assert conn._closing and conn.queued_bytes == 0
+    finally:
+        conn._writer.kill()
+
+
+def test_a_message_bigger_than_the_byte_bound_still_goes_out_alone(connection):
+    ws = ScriptedWebSocket()
+    conn = ServerConnection(ws, ScriptedSession(), max_queue=1000, max_queue_bytes=100)
+    try:
+        conn.send_frames(["a document of 5,000 characters" + "." * 4970])
+        gevent.sleep(0.01)
+        assert ws.wire and len(ws.wire[0]) == 5000 and not conn._closing and conn.queued_bytes == 0
+    finally:
+        conn._writer.kill()
