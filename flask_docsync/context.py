@@ -437,6 +437,9 @@ class ApplicationContext:
                 discarding = self._pending[session_id] = gevent.event.AsyncResult()
                 # Stopping callbacks may take seconds; the session is already
                 # out of reach.
+                if self.broadcasts is not None:
+                    # Its handlers close over the document: drop them first.
+                    self.broadcasts.forget(session.document)
                 session.destroy()
             context = self.server_context._session_contexts.pop(session_id, None)
             if context is not None:

@@ -63,6 +63,11 @@ READ_COUNT = 256
 READ_BLOCK_MS = 1000
 #: Longest wait between attempts to reach Redis again.
 MAX_BACKOFF = 5.0
+#: How long this hub keeps what it broadcast, to send it again after a
+#: Redis restart, and at most how many: a reader fetches an entry within
+#: milliseconds unless its worker is very busy.
+RESEND_WINDOW = 5.0
+RESEND_LIMIT = 1000
 #: Longest topic name, so keys stay small.
 MAX_TOPIC_LENGTH = 200
 
@@ -138,8 +143,11 @@ class _Topic:
         #: The last broadcast delivered here, for subscribers that join later.
         self.latest: Broadcast | None = None
         self.subscribers: weakref.WeakKeyDictionary[Document, list[_Subscription]] = weakref.WeakKeyDictionary()
-        #: Whether the reader has asked Redis for this topic's latest entry.
+        #: Whether this topic's latest entry in Redis is known (so the
+        #: reader may follow it from there).
         self.primed = False
+        #: Set while one greenlet asks Redis for it; others wait on it.
+        self.priming: gevent.event.Event | None = None
 
 
 class Hub:
@@ -151,8 +159,9 @@ class Hub:
     :param history: Entries each topic's stream keeps (about): how far a
         worker may fall behind, and how many broadcasts wait in the outbox
         while Redis is unreachable, before some are lost (or refused).
-    :param client_factory: ``client_factory(url, timeout)`` returns a
-        ``redis.Redis``; tests may pass another. ``None``: redis-py's.
+    :param client_factory: ``client_factory(url, timeout, on_connect=None)``
+        returns a ``redis.Redis`` that calls ``on_connect(connection)`` for
+        each new connection; tests may pass another. ``None``: redis-py's.
     """
 
     def __init__(
@@ -161,7 +170,7 @@ class Hub:
         prefix: str = "docsync",
         max_bytes: int = 256 * 1024,
         history: int = 10_000,
-        client_factory: Callable[[str, float], Any] | None = None,
+        client_factory: Callable[..., Any] | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.prefix = prefix
@@ -186,6 +195,10 @@ class Hub:
         self._last_seen: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._dispatcher: gevent.Greenlet | None = None
         self._thread = _os_thread_id()
+        #: What this hub broadcast in the last RESEND_WINDOW seconds, sent
+        #: again if Redis turns out to have restarted (see _connect_publisher).
+        self._recent: collections.deque[tuple[float, str, str, str]] = collections.deque(maxlen=RESEND_LIMIT)
+        self._run_id: str | None = None
         self._outbox: collections.deque[tuple[str, str, str]] = collections.deque()
         self._outbox_flusher: gevent.Greenlet | None = None
         self._publish_lock = gevent.lock.RLock()
@@ -214,7 +227,9 @@ class Hub:
         """
         check_topic(topic)
         self._check_thread()
+        self._check_gevent()
         data = encode_payload(payload, self.max_bytes)
+        self._stopped = False  # as any use after DocSync.stop(), this starts it again
         if self.redis_url is None:
             self._publish_locally(topic, data)
             return
@@ -229,11 +244,11 @@ class Hub:
                 self._xadd(topic, data, unique)
             except Exception as exc:
                 if not _is_connection_error(exc):
-                    raise
+                    raise _refused(self.redis_url, exc) from exc
                 # The entry may have been added before the connection broke;
                 # then readers drop the copy the outbox sends (same unique id).
                 log.warning("Broadcast on %r waits for Redis (%s); it is sent when Redis is back", topic, exc)
-                self._publisher = None
+                self._drop_publisher()
                 self._queue(topic, data, unique)
                 return
         self.figures["published"] += 1
@@ -268,8 +283,11 @@ class Hub:
             return self._xadd(topic, data)
         except Exception as exc:
             if not _is_connection_error(exc):
-                raise
-            raise BroadcastError(f"Redis at {_safe_url(self.redis_url)} cannot be reached: {exc}") from None
+                raise _refused(self.redis_url, exc) from exc
+            raise BroadcastError(
+                f"Redis at {_safe_url(self.redis_url)} cannot be reached ({exc}): start it, or make"
+                " DOCSYNC_REDIS_URL name the Redis the server uses."
+            ) from None
 
     def _publish_locally(self, topic: str, data: str) -> None:
         ms = int(time.time() * 1000)
@@ -290,13 +308,59 @@ class Hub:
 
     def _xadd(self, topic: str, data: str, unique: str | None = None) -> str:
         if self._publisher is None:
-            self._publisher = self._client_factory(self.redis_url, 5.0)  # type: ignore[arg-type]
+            self._connect_publisher()
         if unique is None:
             self._sequence += 1
             unique = f"{self._publisher_id}:{self._sequence}"
         entry_id = self._publisher.xadd(self.key(topic), {"p": data, "u": unique}, maxlen=self.history,
                                         approximate=True)
+        now = time.monotonic()
+        recent = self._recent
+        recent.append((now, topic, data, unique))
+        while recent and now - recent[0][0] > RESEND_WINDOW:
+            recent.popleft()
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    def _connect_publisher(self) -> None:
+        self._publisher = self._client_factory(self.redis_url, 5.0, self._on_publisher_connect)  # type: ignore[arg-type]
+
+    def _on_publisher_connect(self, connection: Any) -> None:
+        """On each new connection of the publisher (redis-py reconnects by
+        itself): if Redis restarted since the last one, send again what this
+        hub broadcast just before, ahead of anything new.
+
+        A Redis without persistence restarts empty, and a reader busy at
+        that instant may not have fetched the last entries yet. Readers
+        drop the copies they already had (same publisher sequence).
+        """
+        connection.on_connect()
+        connection.send_command("INFO", "server")
+        info = connection.read_response()
+        text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+        run_id = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("run_id:")), None)
+        restarted = self._run_id is not None and run_id != self._run_id
+        self._run_id = run_id
+        if restarted and self._recent:
+            log.warning("Redis restarted: sending the last %d broadcast(s) again for readers that missed them",
+                        len(self._recent))
+            for _, topic, data, unique in list(self._recent):
+                connection.send_command("XADD", self.key(topic), "MAXLEN", "~", self.history, "*",
+                                        "p", data, "u", unique)
+                connection.read_response()
+
+    def _drop_publisher(self) -> None:
+        _close(self._publisher)
+        self._publisher = None
+
+    def _check_gevent(self) -> None:
+        # redis-py blocks on its sockets; only gevent's patched sockets let
+        # the rest of the worker run meanwhile.
+        if self.redis_url is not None and not gevent.monkey.is_module_patched("socket"):
+            raise ConfigurationError(
+                "DOCSYNC_REDIS_URL needs gevent's monkey-patching in the serving process, or Redis calls"
+                " would stop every session: gunicorn -k gevent and flask-docsync serve do it; with"
+                " gevent.pywsgi, call gevent.monkey.patch_all() before anything else is imported."
+            )
 
     def _queue(self, topic: str, data: str, unique: str) -> None:
         if len(self._outbox) >= self.history:
@@ -323,9 +387,9 @@ class Hub:
                 except Exception as exc:
                     if not _is_connection_error(exc):
                         topic, _, _ = self._outbox.popleft()
-                        log.exception("Broadcast on %r could not be sent; dropped", topic)
+                        log.error("Broadcast on %r was refused by Redis (%s); dropped", topic, exc)
                         continue
-                    self._publisher = None
+                    self._drop_publisher()
             if self._outbox:
                 gevent.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
@@ -345,7 +409,11 @@ class Hub:
         self._check_thread()
         if not callable(handler):
             raise BroadcastError(f"subscribe({topic!r}, handler) needs a callable handler, got {handler!r}.")
+        self._check_gevent()
         state = self._topic(topic)
+        if not state.subscribers:
+            # Nobody here followed it: what this worker knew of it is stale.
+            state.primed = False
         if not state.primed:
             self._prime(state)
         latest = state.latest
@@ -353,7 +421,13 @@ class Hub:
         self._ensure_reader()
         self._wake.set()
         if latest is not None:
-            handler(latest.payload)
+            try:
+                handler(latest.payload)
+            except Exception:
+                # The session goes on, as after a failing callback.
+                self.figures["handler_errors"] += 1
+                log.exception("Error in broadcast handler for %r with its latest broadcast; the session goes on",
+                              topic)
 
     def _topic(self, name: str) -> _Topic:
         state = self._topics.get(name)
@@ -362,38 +436,46 @@ class Hub:
             self._by_key[state.key.encode()] = state
         return state
 
-    def _prime(self, state: _Topic, force: bool = False) -> None:
+    def _prime(self, state: _Topic, force: bool = False) -> bool:
         """Learn the topic's latest broadcast, and follow it from there.
 
         Until then the reader does not follow the topic: from the start of
-        its stream it would deliver old broadcasts as new.
+        its stream it would deliver old broadcasts as new. Concurrent callers
+        wait for the one asking Redis. Returns whether the topic is primed.
         """
-        state.primed = True
         if self.redis_url is None:
-            return
+            state.primed = True
+            return True
+        if state.priming is not None:
+            state.priming.wait(10.0)
+            return state.primed
         if self.connected is False and not force:
             # Known to be down: do not make every new session wait for a
             # connect timeout; the reader primes the topic once Redis is back.
-            state.primed = False
-            return
+            return False
+        state.priming = gevent.event.Event()
         try:
             if self._publisher is None:
-                self._publisher = self._client_factory(self.redis_url, 5.0)
+                self._connect_publisher()
             entries = self._publisher.xrevrange(state.key, count=1)
         except Exception as exc:
             if not _is_connection_error(exc):
-                raise
-            state.primed = False
-            self.connected = False
-            self._publisher = None
-            log.warning("Topic %r: its latest broadcast is not known (Redis: %s)", state.name, exc)
-            return
+                log.error("Topic %r: Redis refused to read its latest broadcast: %s", state.name, exc)
+            else:
+                self.connected = False
+                log.warning("Topic %r: its latest broadcast is not known (Redis: %s)", state.name, exc)
+            self._drop_publisher()
+            return False
+        finally:
+            event, state.priming = state.priming, None
+            event.set()
         if entries:
             entry_id, fields = entries[0]
-            broadcast = self._decode(state, entry_id, fields)
+            broadcast = self._decode(state, entry_id, fields, dedupe=False)
             if broadcast is not None:
                 state.latest = broadcast
-                state.last_id = broadcast.id
+        state.primed = True
+        return True
 
     def attach(self, session: ServerSession) -> None:
         """The session of a subscribed document is live: give it what came meanwhile.
@@ -422,12 +504,13 @@ class Hub:
             self._outbox.clear()
         self._stopped = True
         self._wake.set()
+        while not self._inbox.empty():
+            self._inbox.get_nowait()  # for sessions that are gone
         for greenlet in (self._reader, self._dispatcher, self._outbox_flusher):
             if greenlet is not None:
                 greenlet.kill(block=True, timeout=5)
         self._reader = self._dispatcher = self._outbox_flusher = None
-        _close(self._publisher)
-        self._publisher = None
+        self._drop_publisher()
 
     def _ensure_reader(self) -> None:
         if self._stopped:
@@ -454,69 +537,83 @@ class Hub:
         client = None
         backoff = 0.1
         down_since: float | None = None
-        while not self._stopped:
-            wanted = [state for state in self._topics.values() if state.subscribers]
-            if not wanted:
-                self._wake.clear()
-                self._wake.wait(READ_BLOCK_MS / 1000)
-                self.reader_alive_at = time.monotonic()
-                continue
-            try:
-                if client is None:
-                    client = self._client_factory(self.redis_url, READ_BLOCK_MS / 1000 + 5.0)  # type: ignore[arg-type]
-                for state in wanted:
-                    if not state.primed:
-                        self._prime(state, force=True)
-                streams = {state.key: state.last_id for state in wanted if state.primed}
-                if not streams:
-                    raise ConnectionError("the topics' latest entries could not be read")
-                reply = client.xread(streams, count=READ_COUNT, block=READ_BLOCK_MS)
-            except Exception as exc:
-                if not _is_connection_error(exc):
-                    log.exception("Broadcast reader: unexpected error; it goes on")
-                _close(client)
-                client = None
-                self.connected = False
-                if down_since is None:
-                    down_since = time.monotonic()
-                    log.warning("Broadcast reader lost Redis at %s (%s); retrying", _safe_url(self.redis_url), exc)
-                gevent.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
-                continue
-            self.reader_alive_at = time.monotonic()
-            self.connected = True
-            backoff = 0.1
-            if down_since is not None:
-                log.info("Broadcast reader reached Redis again after %.1f s", time.monotonic() - down_since)
-                down_since = None
-            for key, entries in reply or ():
-                state = self._by_key.get(key if isinstance(key, bytes) else str(key).encode())
-                if state is None:
+        try:
+            while not self._stopped:
+                wanted = []
+                for state in self._topics.values():
+                    if state.subscribers:
+                        wanted.append(state)
+                    else:
+                        state.primed = False  # followed again only after a fresh look
+                if not wanted:
+                    self._wake.clear()
+                    self._wake.wait(READ_BLOCK_MS / 1000)
+                    self.reader_alive_at = time.monotonic()
                     continue
-                for entry_id, fields in entries:
-                    broadcast = self._decode(state, entry_id, fields)
-                    if broadcast is not None:
-                        # Waits while the dispatcher is `history` behind.
-                        self._inbox.put(broadcast)
-        _close(client)
+                try:
+                    if client is None:
+                        client = self._client_factory(self.redis_url, READ_BLOCK_MS / 1000 + 5.0)  # type: ignore[arg-type]
+                    for state in wanted:
+                        if not state.primed and state.priming is None and self._prime(state, force=True):
+                            if state.latest is not None:
+                                # Subscribers that joined while it was unknown
+                                # get it now (the dispatcher skips the others).
+                                self._inbox.put(state.latest)
+                    streams = {state.key: state.last_id for state in wanted if state.primed}
+                    if not streams:
+                        raise ConnectionError("the topics' latest entries could not be read")
+                    reply = client.xread(streams, count=READ_COUNT, block=READ_BLOCK_MS)
+                    self.reader_alive_at = time.monotonic()
+                    self.connected = True
+                    backoff = 0.1
+                    if down_since is not None:
+                        log.info("Broadcast reader reached Redis again after %.1f s", time.monotonic() - down_since)
+                        down_since = None
+                    for key, entries in reply or ():
+                        state = self._by_key.get(key if isinstance(key, bytes) else str(key).encode())
+                        if state is None:
+                            continue
+                        for entry_id, fields in entries:
+                            broadcast = self._decode(state, entry_id, fields)
+                            if broadcast is not None:
+                                # Waits while the dispatcher is `history` behind.
+                                self._inbox.put(broadcast)
+                except Exception as exc:
+                    if _is_connection_error(exc):
+                        self.connected = False
+                        if down_since is None:
+                            down_since = time.monotonic()
+                            log.warning("Broadcast reader lost Redis at %s (%s); retrying",
+                                        _safe_url(self.redis_url), exc)
+                    else:
+                        log.exception("Broadcast reader: unexpected error; it goes on")
+                    _close(client)
+                    client = None
+                    gevent.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
+        finally:
+            _close(client)
 
-    def _decode(self, state: _Topic, entry_id: Any, fields: Any) -> Broadcast | None:
+    def _decode(self, state: _Topic, entry_id: Any, fields: Any, dedupe: bool = True) -> Broadcast | None:
         entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
         state.last_id = entry
         raw = fields.get(b"p", fields.get("p")) if isinstance(fields, dict) else None
         unique = fields.get(b"u", fields.get("u")) if isinstance(fields, dict) else None
-        if unique is not None:
-            publisher, _, number = (unique.decode() if isinstance(unique, bytes) else str(unique)).rpartition(":")
+        if unique is not None and dedupe:
             try:
+                publisher, _, number = (unique.decode() if isinstance(unique, bytes) else str(unique)).rpartition(":")
                 sequence = int(number)
-            except ValueError:
+            except (UnicodeDecodeError, ValueError):
                 sequence = None
             if sequence is not None:
-                if self._last_seen.get(publisher, -1) >= sequence:
+                # Per topic: one XREAD lists its streams one after another, so
+                # a publisher's sequence is in order within a topic only.
+                source = f"{state.name}\0{publisher}"
+                if self._last_seen.get(source, -1) >= sequence:
                     self.figures["duplicates"] += 1
                     return None
-                self._last_seen[publisher] = sequence
-                self._last_seen.move_to_end(publisher)
+                self._last_seen[source] = sequence
+                self._last_seen.move_to_end(source)
                 if len(self._last_seen) > 10_000:
                     self._last_seen.popitem(last=False)
         try:
@@ -535,12 +632,13 @@ class Hub:
         self.figures["received"] += 1
         key = _id_key(broadcast.id)
         for doc, subs in list(state.subscribers.items()):
-            session = getattr(doc.session_context, "_session", None)
-            if session is None:
-                continue  # still being made: attach() gives it the latest
-            if session.destroyed:
+            context = doc.session_context
+            session = getattr(context, "_session", None)
+            if context is None or getattr(context, "_destroyed", False) or (session is not None and session.destroyed):
                 state.subscribers.pop(doc, None)
                 continue
+            if session is None:
+                continue  # still being made: attach() gives it the latest
             for sub in list(subs):
                 if sub.seen is not None and _id_key(sub.seen) >= key:
                     continue
@@ -555,9 +653,15 @@ class Hub:
             self.figures["handler_errors"] += 1
 
     def forget(self, doc: Document) -> None:
-        """Drop the subscriptions of a destroyed session's document."""
-        for state in self._topics.values():
-            state.subscribers.pop(doc, None)
+        """Drop the subscriptions of a session's document (it is being destroyed).
+
+        A topic nobody here subscribes to any more is forgotten with its
+        latest broadcast, so per-user topics do not pile up.
+        """
+        for name, state in list(self._topics.items()):
+            if state.subscribers.pop(doc, None) is not None and not state.subscribers and state.priming is None:
+                del self._topics[name]
+                self._by_key.pop(state.key.encode(), None)
 
     def stats(self) -> dict[str, Any]:
         alive = self.reader_alive_at
@@ -585,7 +689,7 @@ class Hub:
 _os_thread_id = gevent.monkey.get_original("_thread", "get_ident")
 
 
-def _redis_client(url: str, timeout: float) -> Any:
+def _redis_client(url: str, timeout: float, on_connect: Callable[[Any], None] | None = None) -> Any:
     try:
         import redis
     except ImportError:
@@ -596,16 +700,27 @@ def _redis_client(url: str, timeout: float) -> Any:
     # silently must fail, not hang the reader.
     return redis.Redis.from_url(
         url, socket_timeout=timeout, socket_connect_timeout=2.0, socket_keepalive=True,
-        health_check_interval=15, retry_on_timeout=False,
+        health_check_interval=15, retry_on_timeout=False, redis_connect_func=on_connect,
     )
 
 
 def _is_connection_error(exc: BaseException) -> bool:
+    """Whether Redis could not be reached (worth waiting for), not refused us."""
     try:
         import redis
     except ImportError:  # pragma: no cover - a client from elsewhere
         return isinstance(exc, (ConnectionError, TimeoutError, OSError))
+    # A wrong password is a ConnectionError to redis-py, but waiting fixes nothing.
+    if isinstance(exc, (redis.AuthenticationError, redis.exceptions.AuthorizationError)):
+        return False
     return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OSError))
+
+
+def _refused(url: str | None, exc: BaseException) -> BroadcastError:
+    return BroadcastError(
+        f"Redis at {_safe_url(url)} refused the broadcast ({type(exc).__name__}: {exc}): check the password"
+        " and database in DOCSYNC_REDIS_URL, and that DOCSYNC_REDIS_PREFIX keys are not used by anything else."
+    )
 
 
 def _close(client: Any) -> None:

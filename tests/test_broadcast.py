@@ -185,3 +185,34 @@ def test_a_broadcast_from_a_worker_thread_is_refused_with_what_to_do(site):
 
     with pytest.raises(BroadcastError, match="return the payload from the thread"):
         offload(from_thread)
+
+
+def test_a_destroyed_sessions_document_is_not_kept_by_its_subscription(site):
+    # A function app's handler closes over its document, so only dropping
+    # the subscription when the session goes lets the document be freed.
+    import gc
+    import weakref
+
+    from bokeh.models import Div
+
+    import flask_docsync
+
+    app, docsync = site
+
+    @docsync.app("/closure", app=app)
+    def closure(doc):
+        div = Div(text="-", name="div")
+        doc.add_root(div)
+        flask_docsync.subscribe("closure", lambda payload: setattr(div, "text", str(payload)) or doc)
+
+    with DocSyncTestClient(app) as client:
+        session = client.open("/closure")
+        server_session = session.server_session
+        ref = weakref.ref(server_session.document)
+        assert client.server.stats()["broadcast"]["subscriptions"] == 1
+        session.close()
+        wait_for(lambda: server_session.destroyed, timeout=20)
+    del server_session, session
+    gc.collect()
+    assert ref() is None, "the destroyed session's document is still referenced"
+    assert client.server.stats()["broadcast"]["subscriptions"] == 0
