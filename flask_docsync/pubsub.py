@@ -68,6 +68,11 @@ MAX_BACKOFF = 5.0
 #: milliseconds unless its worker is very busy.
 RESEND_WINDOW = 5.0
 RESEND_LIMIT = 1000
+#: Bytes of broadcasts (their JSON) that may wait in each of a hub's two
+#: queues, the outbox (Redis unreachable) and the inbox (read, not yet
+#: delivered), besides DOCSYNC_BROADCAST_HISTORY of them: with payloads near
+#: DOCSYNC_BROADCAST_MAX_BYTES the count alone would allow gigabytes.
+MAX_WAITING_BYTES = 64 * 1024 * 1024
 #: Longest topic name, so keys stay small.
 MAX_TOPIC_LENGTH = 200
 
@@ -82,6 +87,8 @@ class Broadcast:
     topic: str
     id: str
     payload: Any
+    #: Bytes of its JSON, counted against MAX_WAITING_BYTES while it waits.
+    size: int = 0
 
     @property
     def published_ms(self) -> int:
@@ -200,6 +207,10 @@ class Hub:
         self._recent: collections.deque[tuple[float, str, str, str]] = collections.deque(maxlen=RESEND_LIMIT)
         self._run_id: str | None = None
         self._outbox: collections.deque[tuple[str, str, str]] = collections.deque()
+        self._outbox_bytes = 0
+        self._inbox_bytes = 0
+        #: Set when the dispatcher takes from the inbox: room for the reader.
+        self._room = gevent.event.Event()
         self._outbox_flusher: gevent.Greenlet | None = None
         self._publish_lock = gevent.lock.RLock()
         self._publisher: Any = None
@@ -293,9 +304,12 @@ class Hub:
         ms = int(time.time() * 1000)
         self._local_seq = self._local_seq + 1 if ms <= self._local_ms else 0
         self._local_ms = max(ms, self._local_ms)
-        broadcast = Broadcast(topic, f"{self._local_ms}-{self._local_seq}", json.loads(data))
+        broadcast = Broadcast(topic, f"{self._local_ms}-{self._local_seq}", json.loads(data), len(data))
         try:
+            if self._inbox_bytes + broadcast.size > MAX_WAITING_BYTES:
+                raise gevent.queue.Full
             self._inbox.put_nowait(broadcast)
+            self._inbox_bytes += broadcast.size
         except gevent.queue.Full:
             self.figures["refused"] += 1
             raise BroadcastError(
@@ -363,13 +377,15 @@ class Hub:
             )
 
     def _queue(self, topic: str, data: str, unique: str) -> None:
-        if len(self._outbox) >= self.history:
+        if len(self._outbox) >= self.history or self._outbox_bytes + len(data) > MAX_WAITING_BYTES:
             self.figures["refused"] += 1
             raise BroadcastError(
                 f"Redis at {_safe_url(self.redis_url)} has been unreachable for {len(self._outbox)}"
-                " broadcasts; this one is refused (DOCSYNC_BROADCAST_HISTORY bounds the outbox)."
+                f" broadcasts ({self._outbox_bytes} bytes); this one is refused (the outbox holds at most"
+                f" DOCSYNC_BROADCAST_HISTORY broadcasts and {MAX_WAITING_BYTES} bytes). Start Redis again."
             )
         self._outbox.append((topic, data, unique))
+        self._outbox_bytes += len(data)
         if self._outbox_flusher is None or self._outbox_flusher.dead:
             self._outbox_flusher = gevent.spawn(self._flush_outbox)
             self._outbox_flusher.name = "docsync-broadcast-outbox"
@@ -383,10 +399,12 @@ class Hub:
                         topic, data, unique = self._outbox[0]
                         self._xadd(topic, data, unique)
                         self._outbox.popleft()
+                        self._outbox_bytes -= len(data)
                         self.figures["published"] += 1
                 except Exception as exc:
                     if not _is_connection_error(exc):
-                        topic, _, _ = self._outbox.popleft()
+                        topic, dropped, _ = self._outbox.popleft()
+                        self._outbox_bytes -= len(dropped)
                         log.error("Broadcast on %r was refused by Redis (%s); dropped", topic, exc)
                         continue
                     self._drop_publisher()
@@ -502,10 +520,12 @@ class Hub:
         if self._outbox:
             log.warning("%d broadcast(s) waiting for Redis are dropped: the server stops", len(self._outbox))
             self._outbox.clear()
+            self._outbox_bytes = 0
         self._stopped = True
         self._wake.set()
         while not self._inbox.empty():
             self._inbox.get_nowait()  # for sessions that are gone
+        self._inbox_bytes = 0
         for greenlet in (self._reader, self._dispatcher, self._outbox_flusher):
             if greenlet is not None:
                 greenlet.kill(block=True, timeout=5)
@@ -527,6 +547,8 @@ class Hub:
             broadcast = self._inbox.get()
             if broadcast is None or self._stopped:
                 continue
+            self._inbox_bytes = max(0, self._inbox_bytes - broadcast.size)
+            self._room.set()
             if self.redis_url is None:
                 self.reader_alive_at = time.monotonic()
             state = self._topics.get(broadcast.topic)
@@ -558,7 +580,7 @@ class Hub:
                             if state.latest is not None:
                                 # Subscribers that joined while it was unknown
                                 # get it now (the dispatcher skips the others).
-                                self._inbox.put(state.latest)
+                                self._wait_and_put(state.latest)
                     streams = {state.key: state.last_id for state in wanted if state.primed}
                     if not streams:
                         raise ConnectionError("the topics' latest entries could not be read")
@@ -576,8 +598,7 @@ class Hub:
                         for entry_id, fields in entries:
                             broadcast = self._decode(state, entry_id, fields)
                             if broadcast is not None:
-                                # Waits while the dispatcher is `history` behind.
-                                self._inbox.put(broadcast)
+                                self._wait_and_put(broadcast)
                 except Exception as exc:
                     if _is_connection_error(exc):
                         self.connected = False
@@ -593,6 +614,15 @@ class Hub:
                     backoff = min(backoff * 2, MAX_BACKOFF)
         finally:
             _close(client)
+
+    def _wait_and_put(self, broadcast: Broadcast) -> None:
+        """Into the inbox; waits while the dispatcher is ``history`` broadcasts
+        or MAX_WAITING_BYTES behind (Redis keeps the rest meanwhile)."""
+        while self._inbox_bytes and self._inbox_bytes + broadcast.size > MAX_WAITING_BYTES and not self._stopped:
+            self._room.clear()
+            self._room.wait(1.0)
+        self._inbox.put(broadcast)
+        self._inbox_bytes += broadcast.size
 
     def _decode(self, state: _Topic, entry_id: Any, fields: Any, dedupe: bool = True) -> Broadcast | None:
         entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
@@ -617,7 +647,7 @@ class Hub:
                 if len(self._last_seen) > 10_000:
                     self._last_seen.popitem(last=False)
         try:
-            return Broadcast(state.name, entry, json.loads(raw))
+            return Broadcast(state.name, entry, json.loads(raw), len(raw))
         except (TypeError, ValueError):
             # Someone else's entry (a shared Redis, a hand-made XADD).
             self.figures["malformed"] += 1
@@ -676,7 +706,9 @@ class Hub:
             "handler_errors": self.figures["handler_errors"],
             "refused": self.figures["refused"],
             "outbox": len(self._outbox),
+            "outbox_bytes": self._outbox_bytes,
             "waiting": self._inbox.qsize(),
+            "waiting_bytes": self._inbox_bytes,
             "duplicates": self.figures["duplicates"],
             "reader_seconds_since_alive": None if alive is None else round(time.monotonic() - alive, 3),
             "lag_ms": None if self.lag_ms is None else round(self.lag_ms, 1),

@@ -216,3 +216,30 @@ def test_a_destroyed_sessions_document_is_not_kept_by_its_subscription(site):
     gc.collect()
     assert ref() is None, "the destroyed session's document is still referenced"
     assert client.server.stats()["broadcast"]["subscriptions"] == 0
+
+
+def test_broadcasts_waiting_are_bounded_in_bytes_too():
+    from flask_docsync.pubsub import MAX_WAITING_BYTES, Hub
+
+    megabyte = "m" * (1024 * 1024 - 2)
+    # In-process: published faster than delivered (no yield in between).
+    hub = Hub(None, max_bytes=2 * 1024 * 1024)
+    fits = MAX_WAITING_BYTES // (1024 * 1024)
+    try:
+        for _ in range(fits):
+            hub.publish("t", megabyte)
+        with pytest.raises(BroadcastError, match="wait to be delivered"):
+            hub.publish("t", megabyte)
+        assert hub.stats()["waiting_bytes"] <= MAX_WAITING_BYTES
+    finally:
+        hub.stop()
+    # The outbox while Redis is unreachable (port 1: nobody listens).
+    hub = Hub("redis://127.0.0.1:1/0", max_bytes=2 * 1024 * 1024)
+    try:
+        for i in range(fits):
+            hub._queue("t", megabyte, f"p:{i}")
+        with pytest.raises(BroadcastError, match="Start Redis again"):
+            hub._queue("t", megabyte, "p:last")
+        assert hub.stats()["outbox_bytes"] <= MAX_WAITING_BYTES
+    finally:
+        hub.stop()
