@@ -146,58 +146,70 @@ def closes(ws: ScriptedWebSocket) -> list:
     return [item for item in ws.wire if str(item).startswith("close")]
 
 
-def test_a_silent_peer_is_closed_after_two_unanswered_pings(connection):
-    ws = ScriptedWebSocket()
-    conn = connection(ws)
-    for _ in range(3):
+@pytest.fixture
+def keepalive_peer(connection):
+    """``keepalive_peer(**settings)``: a scripted socket with those attributes
+    set (``stall``, ``unread``) and its connection, for the pinger's tests."""
+
+    def make(**settings) -> tuple[ScriptedWebSocket, ServerConnection]:
+        ws = ScriptedWebSocket()
+        for name, value in settings.items():
+            setattr(ws, name, value)
+        return ws, connection(ws)
+
+    return make
+
+
+def run_pinger(conn: ServerConnection, passes: int, *, writer_turns: bool = True, after_each=None) -> None:
+    """``passes`` passes of the pinger, each followed by a turn for the writer
+    (unless ``writer_turns`` is false) and then by ``after_each()``, if given."""
+    for _ in range(passes):
         conn.keepalive()
-        gevent.sleep(0.01)  # the writer sends the ping; no pong comes
+        if writer_turns:
+            gevent.sleep(0.01)  # the writer sends the ping, or is still stuck
+        if after_each is not None:
+            after_each()
+
+
+def test_a_silent_peer_is_closed_after_two_unanswered_pings(keepalive_peer):
+    ws, conn = keepalive_peer()
+    run_pinger(conn, 3)  # no pong comes
     assert ws.wire.count("ping") == 2 and closes(ws) == ["close 1008"]
 
 
-def test_an_answered_ping_keeps_the_peer(connection):
-    ws = ScriptedWebSocket()
-    conn = connection(ws)
-    for _ in range(4):
-        conn.keepalive()
-        gevent.sleep(0.01)
+def test_an_answered_ping_keeps_the_peer(keepalive_peer):
+    ws, conn = keepalive_peer()
+
+    def pong() -> None:
         ws.last_pong = time.monotonic()
+
+    run_pinger(conn, 4, after_each=pong)
     assert closes(ws) == []
 
 
-def test_a_pong_the_busy_worker_has_not_read_yet_counts_as_an_answer(connection):
+def test_a_pong_the_busy_worker_has_not_read_yet_counts_as_an_answer(keepalive_peer):
     # The pong is in the socket; the reader has not been scheduled to read it.
-    ws = ScriptedWebSocket()
-    ws.unread = True
-    conn = connection(ws)
-    for _ in range(5):
-        conn.keepalive()
-        gevent.sleep(0.01)
+    ws, conn = keepalive_peer(unread=True)
+    run_pinger(conn, 5)
     assert ws.wire.count("ping") == 5 and closes(ws) == []
 
 
-def test_a_ping_the_busy_worker_has_not_written_yet_is_not_a_miss(connection):
+def test_a_ping_the_busy_worker_has_not_written_yet_is_not_a_miss(keepalive_peer):
     # Three passes of the pinger before the writer gets a turn: the peer
     # never had a ping to answer, and no pings pile up for it.
-    ws = ScriptedWebSocket()
-    conn = connection(ws)
-    for _ in range(3):
-        conn.keepalive()
+    ws, conn = keepalive_peer()
+    run_pinger(conn, 3, writer_turns=False)
     gevent.sleep(0.01)
     assert ws.wire == ["ping"] and not conn._closing
 
 
-def test_a_ping_stuck_behind_a_write_the_peer_does_not_take_is_a_miss(connection):
+def test_a_ping_stuck_behind_a_write_the_peer_does_not_take_is_a_miss(keepalive_peer):
     # A closed laptop with a large message half sent: the writer is blocked,
     # so the ping never goes out; the connection must still be closed.
-    ws = ScriptedWebSocket()
-    ws.stall["message"] = 60
-    conn = connection(ws)
+    ws, conn = keepalive_peer(stall={"message": 60})
     conn.send_frames(["big"])
     gevent.sleep(0.01)  # the writer is inside the write
-    for _ in range(3):
-        conn.keepalive()
-        gevent.sleep(0.01)
+    run_pinger(conn, 3)
     assert conn._closing and "ping" not in ws.wire
 
 

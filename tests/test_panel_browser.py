@@ -13,6 +13,7 @@ import re
 import sys
 import urllib.request
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -235,40 +236,52 @@ def test_a_panel_template_is_served_with_its_own_page(kind, page):
         server.stop()
 
 
-@pytest.mark.parametrize("kind", ["serve", "host", "panel"])
-def test_a_notebook_that_imports_panel_is_served_as_panel_serve_serves_it(kind, page):
-    """No ``.servable()`` in the notebook: Panel's notebook template shows
-    every cell's output (a markdown cell, an input, a bound pane), and the
-    input drives the pane."""
-    server, url = start(kind, "notebook_cells.ipynb", "/notebook")
+@dataclass(frozen=True)
+class FileApp:
+    """An app that ``panel serve`` takes from a file other than a script, and what its page must show."""
+
+    file: str  #: in tests/apps/panel/
+    route: str  #: its route in the Flask site
+    title: str | None  #: the page's title, where it is checked
+    prose: str  #: a text cell or paragraph, rendered
+    input_label: str  #: the input that drives the pane
+    shown: str  #: the pane at first
+    value: str  #: typed into the input
+    then_shown: str  #: the pane after
+
+
+FILE_APPS = [
+    # No ``.servable()`` in the notebook: Panel's notebook template shows
+    # every cell's output (a markdown cell, an input, a bound pane), and the
+    # input drives the pane.
+    pytest.param(FileApp("notebook_cells.ipynb", "/notebook", "Notebook Cells", "No .servable(): every output is shown.",
+                         "Level", "level is 4", "5", "level is 5"), id="notebook"),
+    # A ``.md`` app: its prose rendered, its Python block run, the input drives the pane.
+    pytest.param(FileApp("notes_app.md", "/notes", None, "Prose of a Markdown app",
+                         "Amount", "amount is 2", "7", "amount is 7"), id="markdown"),
+]
+
+
+@pytest.mark.parametrize("kind", [pytest.param("serve", id="docsync-serve"), pytest.param("host", id="flask-site"),
+                                  pytest.param("panel", id="panel-serve")])
+@pytest.mark.parametrize("app", FILE_APPS)
+def test_a_notebook_or_markdown_file_is_an_app_as_with_panel_serve(app: FileApp, kind, page):
+    """A notebook that imports Panel and a Markdown file (see FILE_APPS) are
+    apps as ``panel serve`` makes them: the file's text and its pane shown, the
+    input drives the pane; under ``flask-docsync serve``, in the Flask site and
+    under ``panel serve``."""
+    server, url = start(kind, app.file, app.route)
     try:
         response = page.goto(url)
         assert response is not None and response.status == 200, response and response.status
-        expect(page).to_have_title("Notebook Cells")
-        expect(page.get_by_text("No .servable(): every output is shown.")).to_be_visible()
-        expect(page.get_by_text("level is 4")).to_be_visible()
-        level = page.get_by_label("Level")
-        level.fill("5")
-        level.press("Enter")
-        expect(page.get_by_text("level is 5")).to_be_visible()
-        assert_clean(page, server)
-    finally:
-        server.stop()
-
-
-@pytest.mark.parametrize("kind", ["serve", "host", "panel"])
-def test_a_markdown_file_is_an_app_as_with_panel_serve(kind, page):
-    """A ``.md`` app: its prose rendered, its Python block run, the input drives the pane."""
-    server, url = start(kind, "notes_app.md", "/notes")
-    try:
-        response = page.goto(url)
-        assert response is not None and response.status == 200, response and response.status
-        expect(page.get_by_text("Prose of a Markdown app")).to_be_visible()
-        expect(page.get_by_text("amount is 2")).to_be_visible()
-        amount = page.get_by_label("Amount")
-        amount.fill("7")
-        amount.press("Enter")
-        expect(page.get_by_text("amount is 7")).to_be_visible()
+        if app.title is not None:
+            expect(page).to_have_title(app.title)
+        expect(page.get_by_text(app.prose)).to_be_visible()
+        expect(page.get_by_text(app.shown)).to_be_visible()
+        field = page.get_by_label(app.input_label)
+        field.fill(app.value)
+        field.press("Enter")
+        expect(page.get_by_text(app.then_shown)).to_be_visible()
         assert_clean(page, server)
     finally:
         server.stop()
