@@ -21,7 +21,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 from bokeh.core.templates import AUTOLOAD_JS
 from bokeh.embed.bundle import URL, Bundle, Script, bundle_for_objs_and_resources, extension_dirs
@@ -34,7 +34,7 @@ from flask import Blueprint, Flask, Response, abort, current_app, jsonify, redir
 from markupsafe import escape
 from werkzeug.wrappers import Response as BaseResponse
 
-from . import handover, panel, routing, websocket
+from . import handover, panel, relay, routing, websocket
 from .apps import normalize_route
 from .context import RequestData
 from .errors import ConfigurationError, ConnectionClosed, HandshakeError, SessionError, TokenError, UnknownApplication
@@ -401,6 +401,9 @@ def ws(app_path: str = "") -> Response:
     except HandshakeError as exc:
         log.warning("WebSocket %s refused (%d): %s", request.path, exc.status, exc.reason)
         return _refuse(exc.status, exc.reason, exc.headers)
+    hops, refusal_reason = _relay_hops(server, environ)
+    if refusal_reason is not None:
+        return _refuse_ws(environ, 403, refusal_reason)
     origin = request.headers.get("Origin") or request.headers.get("Sec-WebSocket-Origin")
     # Flask 3.1 refuses requests for other hosts (400) before this view when
     # TRUSTED_HOSTS is set; the config is read too for a Flask that does not.
@@ -426,7 +429,7 @@ def ws(app_path: str = "") -> Response:
         decoded = server.tokens.decode(protocols[1])
     except TokenError as exc:
         return _refuse_ws(environ, exc.status, exc.reason)
-    handed = _route_to_home(server, route, decoded[0], environ)
+    handed = _route_to_home(server, route, decoded[0], environ, hops)
     if handed is not None:
         return handed
     try:
@@ -469,19 +472,76 @@ _HANDOVER_KEYS = ("REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", 
                   "CONTENT_LENGTH")
 
 
-def _route_to_home(server: DocSyncServer, route: str, session_id: str, environ: Any) -> Response | None:
+def _relay_hops(server: DocSyncServer, environ: Any) -> tuple[int, str | None]:
+    """How many times the request was relayed by another host, or why it is refused.
+
+    A verified relay brings the client's address, which replaces the
+    relaying host's. A request handed over by a worker of this host was
+    checked by that worker already.
+    """
+    value = environ.get(relay.ENVIRON_HEADER)
+    if value is None:
+        return 0, None
+    if websocket.HANDOVER_KEY in environ:
+        return relay.MAX_HOPS, None
+    secret = server.settings.secret_key_bytes if server.settings.signed else None
+    peer = environ.get(relay.ENVIRON_FOR_HEADER, "")
+    try:
+        if secret is None:
+            raise relay.RelayRefused("this server signs no session ids, so it has no secret to check the relay with")
+        hops = relay.verify(value, secret, environ.get("REQUEST_METHOD", ""), request.path,
+                            environ.get("HTTP_SEC_WEBSOCKET_KEY", ""), environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", ""),
+                            peer)
+    except relay.RelayRefused as exc:
+        return 0, f"Refused a WebSocket relayed by another host: {exc}."
+    server.router.figures["relay_received"] += 1
+    if peer:
+        environ["REMOTE_ADDR"] = peer
+    return hops, None
+
+
+def _relay_head(server: DocSyncServer, environ: Any, hops: int) -> bytes:
+    """The upgrade request as the host of the session gets it from a relay."""
+    target = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if not target:
+        target = quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""))
+        if environ.get("QUERY_STRING"):
+            target += "?" + environ["QUERY_STRING"]
+    headers = [
+        ("-".join(part.capitalize() for part in key[5:].split("_")), value)
+        for key, value in environ.items()
+        if key.startswith("HTTP_") and isinstance(value, str)
+        and key not in (relay.ENVIRON_HEADER, relay.ENVIRON_FOR_HEADER)
+    ]
+    peer = environ.get("REMOTE_ADDR") or ""
+    signature = relay.sign(
+        server.settings.secret_key_bytes or b"", hops + 1, environ.get("REQUEST_METHOD", "GET"), request.path,
+        environ.get("HTTP_SEC_WEBSOCKET_KEY", ""), environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", ""), peer,
+    )
+    headers += [(relay.HEADER, signature), (relay.FOR_HEADER, peer)]
+    return relay.request_head(environ.get("REQUEST_METHOD", "GET"), target, headers)
+
+
+def _route_to_home(server: DocSyncServer, route: str, session_id: str, environ: Any, hops: int = 0) -> Response | None:
     """Hand the WebSocket to the worker that holds its session; ``None`` serves it here.
 
     ``session_id`` comes from a token whose signature has been checked: the
     owner's tag is trusted only under it. A session this worker already
-    holds is served here.
+    holds is served here. A session of another host is relayed there
+    (unless the request was relayed here already, ``hops``).
     """
     if "wsgi.websocket" in environ or ENVIRON_KEY in environ:
         return None
     server.start()  # a worker that has made no session yet still routes
     if not server.router.active:
         return None
-    if not server.router.owner_elsewhere(session_id) or server.has_session(route, session_id):
+    if not server.router.owner_elsewhere(session_id):
+        return None
+    # A copy here is the session's home unless its owner may be alive on
+    # another host: one made while Redis could not be asked gives way to the
+    # owner once it can, so that every reconnect finds the same one.
+    held_here = server.has_session(route, session_id)
+    if held_here and not server.router.may_live_elsewhere(session_id):
         return None
     try:
         detached = websocket.Detached(environ)
@@ -496,13 +556,23 @@ def _route_to_home(server: DocSyncServer, route: str, session_id: str, environ: 
     head = {key: environ[key] for key in _HANDOVER_KEYS if isinstance(environ.get(key), str)}
     head.update({key: value for key, value in environ.items() if key.startswith("HTTP_") and isinstance(value, str)})
     secret = server.settings.secret_key_bytes or b""
+    opened: list[relay.Relay] = []
+
+    def open_relay(url: str) -> None:
+        opened.append(relay.Relay.open(detached.sock, url, _relay_head(server, environ, hops), detached.buffered))
+
     try:
         outcome = server.router.deliver(
-            session_id, lambda address: handover.hand_over(address, secret, detached.sock, head, detached.buffered)
+            session_id, lambda address: handover.hand_over(address, secret, detached.sock, head, detached.buffered),
+            open_relay, hops, held_here,
         )
     except handover.HandOverFailed as exc:
         server.router.figures["handover_failed"] += 1
         return _refuse_ws(environ, 503, f"The worker holding this session did not take the connection ({exc}); retry.")
+    if outcome is routing.Outcome.RELAYED:
+        log.debug("WebSocket %s relayed to the host holding session %s", request.path, session_id)
+        server.serve_relay(opened[0])
+        return HandedOver(detached)
     if outcome is not routing.Outcome.HANDED:
         return None
     log.debug("WebSocket %s handed to the worker holding session %s", request.path, session_id)

@@ -11,6 +11,7 @@ import argparse
 import glob as _glob
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -66,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="How often to log session and connection figures at DEBUG (default 15000; 0 is off).")
     p.add_argument("--redis-url", default=None, metavar="URL",
                    help="Redis joining the workers and hosts of a deployment (DOCSYNC_REDIS_URL):"
-                        " broadcasts reach all of them.")
+                        " broadcasts reach all of them, and WebSockets that reach the wrong host are"
+                        " relayed to their session's.")
+    p.add_argument("--advertise-url", default=None, metavar="URL",
+                   help="Where the other hosts reach this one directly (DOCSYNC_ADVERTISE_URL), such as"
+                        " http://10.0.0.5:5006; with --redis-url the default is this server's address and port.")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="Log level (default info).")
     p.add_argument("--log-format", default=DEFAULT_LOG_FORMAT, help="Python logging format.")
     p.add_argument("--log-file", default=None, help="Write logs to this file.")
@@ -166,10 +171,13 @@ def create_app(options: argparse.Namespace, port: int | None = None) -> Any:
         ("include_cookies", "include_cookies"),
         ("exclude_cookies", "exclude_cookies"),
         ("redis_url", "redis_url"),
+        ("advertise_url", "advertise_url"),
     ):
         value = getattr(options, flag)
         if value is not None:
             settings[key] = value
+    if options.redis_url and not options.advertise_url and not os.environ.get("DOCSYNC_ADVERTISE_URL") and port:
+        settings["advertise_url"] = f"http://{_reachable_name(options.address)}:{port}"
     # Unlike bokeh serve, headers and cookies stay out of the token unless
     # the include flags ask for them: a session made by the page request
     # sees that request in full, one made on WebSocket open sees the
@@ -438,6 +446,15 @@ def serve_with_gunicorn(options: argparse.Namespace) -> int:
         print(f"flask-docsync: {exc.reason}", file=sys.stderr)
         return int(exc.exit_status)
     return 0
+
+
+def _reachable_name(address: str | None) -> str:
+    """The name other hosts can use for a server bound to ``address``."""
+    if not address or address in ("0.0.0.0", "::", "[::]"):
+        # Bound to every interface: the machine's own name is what its
+        # neighbours know it by.
+        return socket.getfqdn()
+    return f"[{address.strip('[]')}]" if ":" in address else address
 
 
 def main(argv: Sequence[str] | None = None) -> int:

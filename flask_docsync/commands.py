@@ -166,6 +166,15 @@ def check_deploy_command(config_file: str | None, workers: int | None, worker_cl
     if len(sample) > min(TOKEN_SIZE_WARNING, g["limit_request_field_size"]):
         problems.append(f"a minimal token is already {len(sample)} bytes.")
 
+    if settings.redis_url and not settings.advertise_url:
+        warnings.append(
+            "DOCSYNC_REDIS_URL is set without DOCSYNC_ADVERTISE_URL: other hosts cannot relay WebSockets"
+            " for this host's sessions here, and make fresh sessions instead. Set DOCSYNC_ADVERTISE_URL to"
+            " http://<this host's address>:<its port>."
+        )
+    if settings.redis_url and not settings.signed:
+        problems.append("DOCSYNC_REDIS_URL routes sessions between hosts only with signed session ids;"
+                        " set DOCSYNC_SECRET_KEY (the same on every host).")
     origins = ", ".join(settings.allow_websocket_origin) or "none besides the trusted hosts' own pages"
     if not hosts and current_app.config.get("SERVER_NAME"):
         hosts = (current_app.config["SERVER_NAME"],)
@@ -178,6 +187,8 @@ def check_deploy_command(config_file: str | None, workers: int | None, worker_cl
         ("worker connections", f"{g['worker_connections']} (one per open document tab)"),
         ("monkey-patched", patched),
         ("session ids", "signed" if settings.signed else "unsigned"),
+        ("hosts", f"routed to each other through Redis; this one at {settings.advertise_url or '(no advertise URL)'}"
+         if settings.redis_url else "each on its own (no DOCSYNC_REDIS_URL)"),
         ("allowed origins", origins),
         ("trusted hosts", f"{trust} (their own pages may open WebSockets)"),
         ("token size", f"~{len(sample)} bytes plus carried headers/cookies"),

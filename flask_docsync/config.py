@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -143,6 +144,13 @@ class Settings:
     redis_url: str | None = None
     #: Of every Redis key, so that deployments can share one Redis.
     redis_prefix: str = "docsync"
+    #: The base URL (``http://host:port``, no path) at which the other hosts
+    #: of the deployment reach this one directly, not through the balancer
+    #: (``--advertise-url``). With ``redis_url`` set, a WebSocket that
+    #: reaches another host for one of this host's sessions is relayed
+    #: here. ``None``: other hosts cannot relay to this one, and their
+    #: WebSockets for its sessions get fresh sessions there, with a warning.
+    advertise_url: str | None = None
     #: Largest broadcast payload (its JSON): each session of the topic gets
     #: a copy, and one huge entry can stall every reader.
     broadcast_max_bytes: int = DEFAULT_BROADCAST_MAX_BYTES
@@ -342,6 +350,25 @@ def _redis_url(value: Any, key: str) -> str | None:
     )
 
 
+def _advertise_url(value: Any, key: str) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    if isinstance(value, str):
+        parts = urllib.parse.urlsplit(value.strip())
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if (parts.scheme == "http" and parts.hostname and port is not None and parts.path in ("", "/")
+                and not parts.query and not parts.fragment and not parts.username):
+            return f"http://{parts.netloc}"
+    raise ConfigurationError(
+        f"{key}={value!r} is not accepted; give the plain-HTTP address at which the other hosts reach this"
+        " one's server directly, with its port and no path, such as http://10.0.0.5:8000 (the hosts' own"
+        " port behind the balancer, where TLS has already ended), or None."
+    )
+
+
 def _key_prefix(value: Any, key: str) -> str:
     if isinstance(value, str) and value and value.isprintable() and " " not in value and len(value) <= 64:
         return value
@@ -391,6 +418,7 @@ _PARSERS: dict[str, Any] = {
     "reclaim_memory": _boolean,
     "redis_url": _redis_url,
     "redis_prefix": _key_prefix,
+    "advertise_url": _advertise_url,
     "broadcast_max_bytes": _integer(1, "bytes", "262144 (256 KiB)"),
     "broadcast_history": _integer(1, "broadcasts", "10000"),
 }

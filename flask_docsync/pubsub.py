@@ -183,7 +183,7 @@ class Hub:
         self.prefix = prefix
         self.max_bytes = max_bytes
         self.history = history
-        self._client_factory = client_factory or _redis_client
+        self._client_factory = client_factory or redis_client
         self._topics: dict[str, _Topic] = {}
         self._by_key: dict[bytes, _Topic] = {}
         self._wake = gevent.event.Event()
@@ -254,7 +254,7 @@ class Hub:
             try:
                 self._xadd(topic, data, unique)
             except Exception as exc:
-                if not _is_connection_error(exc):
+                if not is_connection_error(exc):
                     raise _refused(self.redis_url, exc) from exc
                 # The entry may have been added before the connection broke;
                 # then readers drop the copy the outbox sends (same unique id).
@@ -293,10 +293,10 @@ class Hub:
         try:
             return self._xadd(topic, data)
         except Exception as exc:
-            if not _is_connection_error(exc):
+            if not is_connection_error(exc):
                 raise _refused(self.redis_url, exc) from exc
             raise BroadcastError(
-                f"Redis at {_safe_url(self.redis_url)} cannot be reached ({exc}): start it, or make"
+                f"Redis at {safe_url(self.redis_url)} cannot be reached ({exc}): start it, or make"
                 " DOCSYNC_REDIS_URL name the Redis the server uses."
             ) from None
 
@@ -380,7 +380,7 @@ class Hub:
         if len(self._outbox) >= self.history or self._outbox_bytes + len(data) > MAX_WAITING_BYTES:
             self.figures["refused"] += 1
             raise BroadcastError(
-                f"Redis at {_safe_url(self.redis_url)} has been unreachable for {len(self._outbox)}"
+                f"Redis at {safe_url(self.redis_url)} has been unreachable for {len(self._outbox)}"
                 f" broadcasts ({self._outbox_bytes} bytes); this one is refused (the outbox holds at most"
                 f" DOCSYNC_BROADCAST_HISTORY broadcasts and {MAX_WAITING_BYTES} bytes). Start Redis again."
             )
@@ -402,7 +402,7 @@ class Hub:
                         self._outbox_bytes -= len(data)
                         self.figures["published"] += 1
                 except Exception as exc:
-                    if not _is_connection_error(exc):
+                    if not is_connection_error(exc):
                         topic, dropped, _ = self._outbox.popleft()
                         self._outbox_bytes -= len(dropped)
                         log.error("Broadcast on %r was refused by Redis (%s); dropped", topic, exc)
@@ -477,7 +477,7 @@ class Hub:
                 self._connect_publisher()
             entries = self._publisher.xrevrange(state.key, count=1)
         except Exception as exc:
-            if not _is_connection_error(exc):
+            if not is_connection_error(exc):
                 log.error("Topic %r: Redis refused to read its latest broadcast: %s", state.name, exc)
             else:
                 self.connected = False
@@ -600,12 +600,12 @@ class Hub:
                             if broadcast is not None:
                                 self._wait_and_put(broadcast)
                 except Exception as exc:
-                    if _is_connection_error(exc):
+                    if is_connection_error(exc):
                         self.connected = False
                         if down_since is None:
                             down_since = time.monotonic()
                             log.warning("Broadcast reader lost Redis at %s (%s); retrying",
-                                        _safe_url(self.redis_url), exc)
+                                        safe_url(self.redis_url), exc)
                     else:
                         log.exception("Broadcast reader: unexpected error; it goes on")
                     _close(client)
@@ -696,7 +696,7 @@ class Hub:
     def stats(self) -> dict[str, Any]:
         alive = self.reader_alive_at
         return {
-            "redis": _safe_url(self.redis_url) if self.redis_url else None,
+            "redis": safe_url(self.redis_url) if self.redis_url else None,
             "connected": self.connected,
             "topics": sorted(name for name, state in self._topics.items() if state.subscribers),
             "subscriptions": sum(len(subs) for state in self._topics.values() for subs in state.subscribers.values()),
@@ -721,7 +721,7 @@ class Hub:
 _os_thread_id = gevent.monkey.get_original("_thread", "get_ident")
 
 
-def _redis_client(url: str, timeout: float, on_connect: Callable[[Any], None] | None = None) -> Any:
+def redis_client(url: str, timeout: float, on_connect: Callable[[Any], None] | None = None) -> Any:
     try:
         import redis
     except ImportError:
@@ -736,7 +736,7 @@ def _redis_client(url: str, timeout: float, on_connect: Callable[[Any], None] | 
     )
 
 
-def _is_connection_error(exc: BaseException) -> bool:
+def is_connection_error(exc: BaseException) -> bool:
     """Whether Redis could not be reached (worth waiting for), not refused us."""
     try:
         import redis
@@ -750,7 +750,7 @@ def _is_connection_error(exc: BaseException) -> bool:
 
 def _refused(url: str | None, exc: BaseException) -> BroadcastError:
     return BroadcastError(
-        f"Redis at {_safe_url(url)} refused the broadcast ({type(exc).__name__}: {exc}): check the password"
+        f"Redis at {safe_url(url)} refused the broadcast ({type(exc).__name__}: {exc}): check the password"
         " and database in DOCSYNC_REDIS_URL, and that DOCSYNC_REDIS_PREFIX keys are not used by anything else."
     )
 
@@ -763,7 +763,7 @@ def _close(client: Any) -> None:
             pass
 
 
-def _safe_url(url: str | None) -> str:
+def safe_url(url: str | None) -> str:
     """``url`` without its password, for logs and stats."""
     if not url:
         return ""

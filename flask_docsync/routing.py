@@ -15,9 +15,19 @@ WebSocket for a session asks its :class:`Router` what to do:
   heir address; the buckets spread a dead worker's sessions over the
   survivors.
 
-Routing is on in a gunicorn worker that has siblings, with signed session
-ids (the tag is only trusted under the signature). This module imports no
-Flask and no WebSocket code.
+Across hosts (with ``DOCSYNC_REDIS_URL``): a tag is the host's id and the
+worker's. A session of another host is relayed there
+(:mod:`flask_docsync.relay`) while the registry
+(:mod:`flask_docsync.registry`) lists its worker as alive; the host
+receiving the relay hands it to the owner as for any arrival. The heir of a
+gone worker is then claimed in Redis, so one worker of the whole deployment
+makes its sessions anew. While Redis cannot be reached, each host goes on
+routing its own sessions, and a session of another host gets one fresh copy
+on this host (with a warning).
+
+Routing is on in a gunicorn worker that has siblings, and in every worker
+when the registry is, with signed session ids (the tag is only trusted
+under the signature). This module imports no Flask and no WebSocket code.
 """
 
 from __future__ import annotations
@@ -28,10 +38,13 @@ import hashlib
 import logging
 import os
 import secrets
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from . import handover
+from .registry import Registry, RegistryUnavailable
+from .relay import HostGone
 from .tokens import owner_tag
 
 log = logging.getLogger(__name__)
@@ -41,6 +54,14 @@ log = logging.getLogger(__name__)
 HEIR_BUCKETS = 8
 #: Attempts to find or become the heir when other workers race for it.
 HEIR_ATTEMPTS = 3
+#: Hex digits of a tag that name the host, and those that name the worker on it.
+HOST_DIGITS = 6
+WORKER_DIGITS = 6
+
+
+def host_of(tag: str) -> str | None:
+    """The host part of a worker's tag; ``None`` for a tag without one (made before hosts had ids)."""
+    return tag[:HOST_DIGITS] if len(tag) == HOST_DIGITS + WORKER_DIGITS else None
 
 
 class Outcome(enum.Enum):
@@ -50,6 +71,8 @@ class Outcome(enum.Enum):
     ADOPT = "adopt"
     #: Another worker took the connection.
     HANDED = "handed"
+    #: The connection goes to another host (the caller runs the relay).
+    RELAYED = "relayed"
 
 
 class Router:
@@ -59,31 +82,63 @@ class Router:
         names the deployment's addresses.
     :param serve: ``serve(head, client_socket, buffered)`` serves a
         connection another worker handed over.
+    :param registry: The deployment's live workers across hosts; ``None``
+        (or one not enabled) routes within this host only.
     """
 
-    def __init__(self, secret: bytes | None, serve: Callable[[dict[str, Any], Any, bytes], None]) -> None:
+    def __init__(
+        self,
+        secret: bytes | None,
+        serve: Callable[[dict[str, Any], Any, bytes], None],
+        registry: Registry | None = None,
+    ) -> None:
         self._secret = secret or b""
         self._serve = serve
+        self.registry = registry or Registry(None)
         self._pid: int | None = None
         self._tag = ""
+        self._host = ""
         self._listeners: dict[bytes, handover.Listener] = {}
+        self._warned: set[str] = set()
+        #: Advertise URLs of the hosts seen, by host id: a host whose entries
+        #: a restarted Redis lost for a moment is still found.
+        self._host_urls: dict[str, str] = {}
         #: Whether connections are routed between workers; see :meth:`start`.
         self.active = False
         #: ``attached``: WebSockets that found their session alive here (a
         #: page's first one, or a reconnect); ``handed_over``: sent to the
         #: worker holding their session; ``handover_failed``: a live owner
         #: did not take them (refused 503); ``adopted``: headed for a session
-        #: made anew here because its worker is gone.
-        self.figures = {"attached": 0, "handed_over": 0, "handover_failed": 0, "adopted": 0}
+        #: made anew here because its worker is gone; ``relayed``: sent to
+        #: another host; ``relay_received``: relayed here by another host;
+        #: ``relay_failed``: the other host could not be reached (the session
+        #: was made anew); ``cross_host_fresh``: a session of another host
+        #: made anew here because Redis could not be asked where it lives.
+        self.figures = {"attached": 0, "handed_over": 0, "handover_failed": 0, "adopted": 0, "relayed": 0,
+                        "relay_received": 0, "relay_failed": 0, "cross_host_fresh": 0}
 
     @property
     def tag(self) -> str:
-        """This process's tag (made anew in a forked child, so workers never share one)."""
+        """This process's tag: its host's id and its own (made anew in a
+        forked child, so workers never share one)."""
         if self._pid != os.getpid():
             self._pid = os.getpid()
-            self._tag = secrets.token_hex(4)
+            # Workers that share a namespace reach each other's hand-over
+            # sockets: for routing they are one host.
+            name = f"{socket.gethostname()}/{self._namespace()}".encode("utf-8")
+            self._host = hashlib.sha256(name).hexdigest()[:HOST_DIGITS]
+            self._tag = self._host + secrets.token_hex(WORKER_DIGITS // 2)
             self._listeners = {}  # a parent's listeners are not this process's
         return self._tag
+
+    @property
+    def host(self) -> str:
+        """The id of this worker's host (the first digits of its tag)."""
+        self.tag  # noqa: B018 - made with the tag
+        return self._host
+
+    def _same_host(self, tag: str) -> bool:
+        return host_of(tag) in (None, self.host)
 
     def _namespace(self) -> str:
         # The worker's parent (gunicorn's master) and the secret name the
@@ -94,8 +149,13 @@ class Router:
     def _address(self, name: str) -> bytes:
         return handover.socket_name(self._namespace(), name)
 
-    def start(self, active: bool) -> None:
-        """Listen for hand-overs when ``active`` (and the system supports them)."""
+    def start(self, active: bool, holds: Callable[[str], bool] = lambda tag: False) -> None:
+        """Listen for hand-overs when ``active`` or the registry is on (and the system supports them).
+
+        :param holds: ``holds(gone_tag)``: whether this worker holds sessions
+            of that gone worker (see :meth:`Registry.start`).
+        """
+        active = active or self.registry.enabled
         if not active or not self._secret or not handover.SUPPORTED:
             self.active = False
             return
@@ -103,9 +163,11 @@ class Router:
         address = self._address(self.tag)
         if address not in self._listeners:
             self._listeners[address] = handover.Listener(address, self._secret, self._serve)
+        self.registry.start(self.tag, self.host, holds)
 
     def stop(self) -> None:
         """Stop listening, so that reconnects find this worker gone and go to live ones."""
+        self.registry.stop()
         for listener in self._listeners.values():
             listener.close()
         self._listeners.clear()
@@ -116,26 +178,167 @@ class Router:
         tag = owner_tag(session_id)
         return tag is not None and tag != self.tag
 
-    def deliver(self, session_id: str, send: Callable[[bytes], None]) -> Outcome:
+    def may_live_elsewhere(self, session_id: str) -> bool:
+        """Whether the session's owner is on another host the registry could find alive."""
+        tag = owner_tag(session_id)
+        return tag is not None and self.registry.enabled and not self._same_host(tag)
+
+    def deliver(
+        self,
+        session_id: str,
+        send: Callable[[bytes], None],
+        relay: Callable[[str], None] | None = None,
+        hops: int = 0,
+        held_here: bool = False,
+    ) -> Outcome:
         """Get the connection for ``session_id`` to the worker that is its home.
 
         :param send: ``send(address)`` hands the connection over to the
             worker at ``address``; it raises
             :exc:`~flask_docsync.handover.OwnerGone` when nobody listens there.
+        :param relay: ``relay(url)`` opens a relay of the connection to the
+            host at ``url`` (the caller runs it when this returns
+            :attr:`Outcome.RELAYED`); it raises
+            :exc:`~flask_docsync.relay.HostGone` when the host cannot be
+            reached. ``None``: the connection cannot be relayed.
+        :param hops: Relays the request has been through; a relayed one is
+            not relayed again.
+        :param held_here: This worker holds a copy of the session (made as
+            the heir of its gone worker, or while Redis could not be asked).
         :raises flask_docsync.handover.HandOverFailed: a live worker did not
             take the connection.
         """
         tag = owner_tag(session_id)
         if not self.active or tag is None or tag == self.tag:
             return Outcome.LOCAL
+        relay = relay if not hops else None
+        bucket = int(hashlib.sha256(session_id.encode("utf-8")).hexdigest(), 16) % HEIR_BUCKETS
+        if self._same_host(tag):
+            if self._send(send, tag):
+                return Outcome.HANDED
+            if self.registry.enabled:
+                self.registry.forget(tag)  # its entry may live on for a few seconds
+        elif self.registry.enabled:
+            try:
+                entry = self.registry.lookup(tag, host_of(tag), bucket)
+            except RegistryUnavailable:
+                return self._fresh_for_other_host(session_id, tag, bucket, send, held_here)
+            if entry.host_url is not None:
+                self._host_urls[tag[:HOST_DIGITS]] = entry.host_url
+            outcome = self._to_live_home(tag, entry, send, relay, held_here)
+            if outcome is not None:
+                return outcome
+        if self.registry.enabled:
+            try:
+                return self._heir_in_registry(tag, bucket, send, relay)
+            except RegistryUnavailable:
+                pass
+        if not self._same_host(tag):
+            return self._fresh_for_other_host(session_id, tag, bucket, send, held_here)
+        return self._heir_on_host(tag, bucket, send)
+
+    def _to_live_home(
+        self, tag: str, entry: Any, send: Callable[[bytes], None], relay: Callable[[str], None] | None,
+        held_here: bool,
+    ) -> Outcome | None:
+        """Route a session of another host's worker to where it lives, if anywhere; ``None``: nowhere."""
+        if entry.alive:
+            # The owner wins over any copy (one made while Redis was away).
+            if relay is not None and self._relay(relay, tag, entry.url):
+                return Outcome.RELAYED
+            return None
+        if entry.heir == self.tag:
+            self.figures["adopted"] += 1
+            return Outcome.ADOPT
+        if entry.heir is not None:
+            if self._same_host(entry.heir):
+                if self._send(send, entry.heir):
+                    return Outcome.HANDED
+            elif relay is not None and self._relay(relay, entry.heir, entry.heir_url):
+                return Outcome.RELAYED
+            return None
+        if held_here:
+            return None
+        # No heir yet, the worker's entry missing: its host, while it lives
+        # (or was known here), tells whether the worker does. Its entry may
+        # be missing a moment after a Redis restart, or not written yet.
+        url = entry.host_url or self._host_urls.get(tag[:HOST_DIGITS])
+        if relay is not None and url is not None and self._relay(relay, tag, url, quiet=not entry.host_alive):
+            return Outcome.RELAYED
+        return None
+
+    def _send(self, send: Callable[[bytes], None], tag: str) -> bool:
         try:
             send(self._address(tag))
         except handover.OwnerGone:
-            pass
+            return False
+        self.figures["handed_over"] += 1
+        return True
+
+    def _relay(self, relay: Callable[[str], None], tag: str, url: str | None, quiet: bool = False) -> bool:
+        if url is None:
+            if tag[:HOST_DIGITS] not in self._warned:
+                self._warned.add(tag[:HOST_DIGITS])
+                log.warning(
+                    "Worker %s lives on a host that set no DOCSYNC_ADVERTISE_URL, so WebSockets for its sessions"
+                    " that reach this host cannot be relayed there and get fresh sessions here; set"
+                    " DOCSYNC_ADVERTISE_URL on every host", tag,
+                )
+            return False
+        try:
+            relay(url)
+        except HostGone as exc:
+            if quiet:  # a host only remembered here: gone, as the registry says
+                self._host_urls.pop(tag[:HOST_DIGITS], None)
+                return False
+            self.figures["relay_failed"] += 1
+            log.warning("The host of worker %s cannot be reached (%s); its session is made anew", tag, exc)
+            return False
+        self.figures["relayed"] += 1
+        return True
+
+    def _heir_in_registry(
+        self, tag: str, bucket: int, send: Callable[[bytes], None], relay: Callable[[str], None] | None
+    ) -> Outcome:
+        gone: str | None = None
+        for _ in range(HEIR_ATTEMPTS):
+            heir = self.registry.claim_heir(tag, bucket, instead_of=gone)
+            if heir == self.tag:
+                break
+            if self._same_host(heir):
+                if self._send(send, heir):
+                    return Outcome.HANDED
+            elif relay is not None:
+                entry = self.registry.lookup(heir)
+                if entry.alive and self._relay(relay, heir, entry.url):
+                    return Outcome.RELAYED
+            else:
+                # Relayed here already: one more hop is refused, so this
+                # copy is made here rather than not at all.
+                log.warning("A session of gone worker %s was relayed here, but its heir is %s on another host;"
+                            " making a second copy here", tag, heir)
+                break
+            gone = heir
         else:
-            self.figures["handed_over"] += 1
-            return Outcome.HANDED
-        bucket = int(hashlib.sha256(session_id.encode("utf-8")).hexdigest(), 16) % HEIR_BUCKETS
+            log.warning("No live heir for the sessions of gone worker %s after %d attempts; serving here",
+                        tag, HEIR_ATTEMPTS)
+        self.figures["adopted"] += 1
+        return Outcome.ADOPT
+
+    def _fresh_for_other_host(
+        self, session_id: str, tag: str, bucket: int, send: Callable[[bytes], None], held_here: bool
+    ) -> Outcome:
+        # One copy per host: its heir makes it, as for a gone worker of this host.
+        outcome = self._heir_on_host(tag, bucket, send)
+        if outcome is Outcome.ADOPT and not held_here:
+            self.figures["cross_host_fresh"] += 1
+            log.warning(
+                "Session %s belongs to worker %s of another host, which cannot be looked up while Redis is"
+                " unreachable: it is made anew here", session_id.partition(".")[0], tag,
+            )
+        return outcome
+
+    def _heir_on_host(self, tag: str, bucket: int, send: Callable[[bytes], None]) -> Outcome:
         heir = self._address(f"heir-{tag}-{bucket}")
         for _ in range(HEIR_ATTEMPTS):
             if heir in self._listeners:
@@ -163,6 +366,8 @@ class Router:
         return {
             "active": self.active,
             "tag": self.tag,
+            "host": self.host,
+            "registry": self.registry.stats(),
             **self.figures,
             "received": sum(listener.received for listener in listeners),
             "refused": sum(listener.refused for listener in listeners),

@@ -23,7 +23,7 @@ from .config import Settings
 from .connection import ServerConnection
 from .context import ApplicationContext, RequestData
 from .errors import CloseCode, ConfigurationError, SessionError, TokenError, UnknownApplication
-from . import deploy, monitor, panel, pubsub, reclaim, routing, signals
+from . import deploy, monitor, panel, pubsub, reclaim, registry, relay, routing, signals
 from .scheduler import CallbackScheduler, new_session_clock
 from .session import ServerSession, live_sessions
 from .tokens import TokenPolicy, owner_tag
@@ -77,8 +77,14 @@ class DocSyncServer:
         #: ``serve(head, client_socket, buffered)`` for connections other
         #: workers hand over; the Flask adapter sets it (it runs the app).
         self.serve_handed_over: Callable[[dict[str, Any], Any, bytes], None] | None = None
+        #: The deployment's live workers on every host (see :mod:`flask_docsync.registry`).
+        self.registry = registry.Registry(settings.redis_url, settings.redis_prefix, settings.advertise_url)
         #: Which worker is the home of each session (see :mod:`flask_docsync.routing`).
-        self.router = routing.Router(settings.secret_key_bytes if settings.signed else None, self._serve_handed_over)
+        self.router = routing.Router(
+            settings.secret_key_bytes if settings.signed else None, self._serve_handed_over, self.registry
+        )
+        #: Connections relayed from here to the host of their session.
+        self.relays: set[relay.Relay] = set()
         #: Broadcasts to the sessions of every worker (see :mod:`flask_docsync.pubsub`).
         self.broadcasts = pubsub.Hub(
             settings.redis_url, settings.redis_prefix, settings.broadcast_max_bytes, settings.broadcast_history,
@@ -169,7 +175,7 @@ class DocSyncServer:
         monitor.enable(self.settings.blocking_warning_ms)
         # Sessions get a home only where there are sibling workers to send
         # their connections elsewhere: a gunicorn worker with siblings.
-        self.router.start(active=deploy.worker_count() > 1)
+        self.router.start(active=deploy.worker_count() > 1, holds=self._holds_sessions_of)
         for context in self.contexts.values():
             context.run_load_hook()
         if self.settings.warm:
@@ -199,6 +205,8 @@ class DocSyncServer:
         self._stopping = True
         # First, so that the browsers' reconnects find this worker gone.
         self.router.stop()
+        for relayed in list(self.relays):
+            relayed.close()
         for greenlet in self._greenlets:
             greenlet.kill(block=False)
         gevent.joinall(self._greenlets, timeout=5)
@@ -321,6 +329,19 @@ class DocSyncServer:
             return
         self.serve_handed_over(head, client, buffered)
 
+    def _holds_sessions_of(self, tag: str) -> bool:
+        return any(
+            owner_tag(session.id) == tag for context in self.contexts.values() for session in context.sessions
+        )
+
+    def serve_relay(self, relayed: relay.Relay) -> None:
+        """Copy a connection to and from the host of its session until it ends."""
+        self.relays.add(relayed)
+        try:
+            relayed.run()
+        finally:
+            self.relays.discard(relayed)
+
     def serve_connection(self, ws: Any, session: ServerSession) -> None:
         """Serve an accepted WebSocket until it closes."""
         settings = self.settings
@@ -373,7 +394,7 @@ class DocSyncServer:
                 key: sum(a["callback_runs"][key] for a in apps.values()) for key in ("runs", "errors", "seconds")
             },
             "reclaim": dict(self.reclaimer.figures),
-            "routing": self.router.stats(),
+            "routing": {**self.router.stats(), "relays_open": len(self.relays)},
             "broadcast": self.broadcasts.stats(),
             "apps": apps,
         }

@@ -141,6 +141,10 @@ def test_a_destroyed_session_gets_nothing_more(site):
     ("DOCSYNC_REDIS_PREFIX", "my app", "a short name without spaces"),
     ("DOCSYNC_BROADCAST_MAX_BYTES", 0, "at least 1"),
     ("DOCSYNC_BROADCAST_HISTORY", "many", "an integer number of broadcasts"),
+    ("DOCSYNC_ADVERTISE_URL", "10.0.0.5:8000", "such as http://10.0.0.5:8000"),
+    ("DOCSYNC_ADVERTISE_URL", "http://10.0.0.5", "with its port and no path"),
+    ("DOCSYNC_ADVERTISE_URL", "http://10.0.0.5:8000/app", "with its port and no path"),
+    ("DOCSYNC_ADVERTISE_URL", "https://10.0.0.5:8443", "plain-HTTP address"),
 ])
 def test_redis_and_broadcast_settings_are_validated_by_name(key, value, message):
     from flask_docsync import ConfigurationError
@@ -152,10 +156,17 @@ def test_redis_and_broadcast_settings_are_validated_by_name(key, value, message)
     assert message in str(caught.value)
 
 
-def test_a_redis_password_stays_out_of_logs_and_stats():
-    from flask_docsync.pubsub import Hub, _safe_url
+def test_an_advertise_url_is_kept_as_its_base():
+    from flask_docsync.config import Settings
 
-    assert _safe_url("redis://user:s3cret@cache:6380/2") == "redis://user:***@cache:6380/2"
+    for given in ("http://10.0.0.5:8000", "http://10.0.0.5:8000/", " http://[::1]:8000 "):
+        assert Settings.load({"DOCSYNC_ADVERTISE_URL": given}, {}).advertise_url == given.strip().rstrip("/")
+
+
+def test_a_redis_password_stays_out_of_logs_and_stats():
+    from flask_docsync.pubsub import Hub, safe_url
+
+    assert safe_url("redis://user:s3cret@cache:6380/2") == "redis://user:***@cache:6380/2"
     assert "s3cret" not in str(Hub("redis://:s3cret@cache/0").stats())
 
 

@@ -173,3 +173,20 @@ def test_panel_options_and_setup_errors_are_startup_errors(tmp_path):
     assert done.returncode == 1 and "no such file" in done.stderr
     done = run_cli("serve", "--port", "0", "--static-dirs", "files", str(APPS / "sliders.py"))
     assert done.returncode == 1 and "NAME=VALUE" in done.stderr
+
+
+def test_serve_with_redis_advertises_its_own_address_unless_told(tmp_path):
+    from flask_docsync.cli import build_parser, create_app
+
+    script = tmp_path / "app.py"
+    script.write_text("from bokeh.io import curdoc\nfrom bokeh.models import Div\ncurdoc().add_root(Div())\n")
+    parse = build_parser().parse_args
+    cases = (
+        (["--redis-url", "redis://127.0.0.1:1/0", "--address", "10.0.0.5", "--port", "5006"], "http://10.0.0.5:5006"),
+        (["--redis-url", "redis://127.0.0.1:1/0", "--port", "5006", "--advertise-url", "http://h:1"], "http://h:1"),
+        (["--port", "5006"], None),
+    )
+    for args, advertised in cases:
+        app = create_app(parse(["serve", str(script), *args]))
+        assert app.extensions["docsync"].settings.advertise_url == advertised
+

@@ -494,6 +494,19 @@ def test_check_deploy_flags_a_missing_secret_and_passes_with_one():
     assert safe.returncode == 0, safe.stdout + safe.stderr
     assert re.search(r"session ids\s+signed", safe.stdout) and "PROBLEM" not in safe.stdout, safe.stdout
     assert safe.stdout.rstrip().endswith("OK"), safe.stdout
+    assert re.search(r"hosts\s+each on its own", safe.stdout), safe.stdout
+
+
+def test_check_deploy_reports_hosts_joined_through_redis():
+    # Nothing connects to Redis here: the report reads the settings.
+    joined = check_deploy(DOCSYNC_SECRET_KEY=SECRET, DEPLOY_TRUSTED_HOSTS="example.com",
+                          DOCSYNC_REDIS_URL="redis://10.0.0.9:6379/0", DOCSYNC_ADVERTISE_URL="http://10.0.0.5:8000")
+    assert joined.returncode == 0, joined.stdout + joined.stderr
+    assert re.search(r"hosts\s+routed to each other through Redis; this one at http://10.0.0.5:8000", joined.stdout)
+    unreachable = check_deploy(DOCSYNC_SECRET_KEY=SECRET, DEPLOY_TRUSTED_HOSTS="example.com",
+                               DOCSYNC_REDIS_URL="redis://10.0.0.9:6379/0")
+    assert unreachable.returncode == 0, unreachable.stdout + unreachable.stderr
+    assert "WARNING: DOCSYNC_REDIS_URL is set without DOCSYNC_ADVERTISE_URL" in unreachable.stdout
 
 
 # --------------------------------------------------------------------------

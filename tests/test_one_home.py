@@ -476,7 +476,10 @@ def test_a_thousand_reconnects_at_once_for_a_dead_worker(home):
     exactly what that worker would have given out: the survivors cannot tell
     them apart from real sessions of a dead worker, and must not.
     """
-    server = home()
+    # Sessions outlive the test: on a loaded machine the first copies would
+    # otherwise be unused for the default 15 s before the sample reconnects
+    # below, discarded, and made once more.
+    server = home(HOME_UNUSED_LIFETIME_MS="120000")
     token, session_id, client, (victim, _, _) = open_page(server)
     client.close()
     tag = owner_tag(session_id)

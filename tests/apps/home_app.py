@@ -13,7 +13,10 @@ Settings come from the environment, read by :func:`create_app`:
 - ``HOME_TOKEN_EXPIRATION``: ``DOCSYNC_SESSION_TOKEN_EXPIRATION`` (seconds);
 - ``HOME_UNUSED_LIFETIME_MS``: ``DOCSYNC_UNUSED_SESSION_LIFETIME_MS``;
 - ``HOME_CHECK_UNUSED_MS``: ``DOCSYNC_CHECK_UNUSED_SESSIONS_MS``;
-- ``HOME_KEEP_ALIVE_MS``: ``DOCSYNC_KEEP_ALIVE_MS`` (default 1000).
+- ``HOME_KEEP_ALIVE_MS``: ``DOCSYNC_KEEP_ALIVE_MS`` (default 1000);
+- ``HOME_REDIS_URL``, ``HOME_ADVERTISE_URL``: ``DOCSYNC_REDIS_URL`` and
+  ``DOCSYNC_ADVERTISE_URL`` (hosts that route to each other), with the
+  stats endpoint on.
 """
 
 import os
@@ -41,7 +44,12 @@ def _append(variable, session_id):
 
 def modify_doc(doc):
     doc.add_root(Div(text=str(os.getpid()), name="pid"))
-    doc.add_root(Slider(start=0, end=10_000, step=1, value=INITIAL_VALUE, title="value", name="slider"))
+    slider = Slider(start=0, end=10_000, step=1, value=INITIAL_VALUE, title="value", name="slider")
+    echo = Div(text="", name="echo")
+    # A Python callback whose change the browser sees: a round trip.
+    slider.on_change("value", lambda attr, old, new: setattr(echo, "text", f"echo {new}"))
+    doc.add_root(slider)
+    doc.add_root(echo)
 
 
 class _Hooks(Handler):
@@ -67,6 +75,10 @@ def create_app():
                           ("HOME_CHECK_UNUSED_MS", "DOCSYNC_CHECK_UNUSED_SESSIONS_MS")):
         if os.environ.get(variable):
             app.config[key] = int(os.environ[variable])
+    for variable, key in (("HOME_REDIS_URL", "DOCSYNC_REDIS_URL"), ("HOME_ADVERTISE_URL", "DOCSYNC_ADVERTISE_URL")):
+        if os.environ.get(variable):
+            app.config[key] = os.environ[variable]
+            app.config["DOCSYNC_STATS_ENDPOINT"] = True
     docsync.init_app(app)
     if "/home" not in docsync.routes:
         docsync.add_app("/home", Application(FunctionHandler(modify_doc), _Hooks()))
