@@ -432,6 +432,13 @@ class DocSyncServer:
                 " %d taken from them, %d sessions made anew for gone workers", s["pid"], r["tag"],
                 r["attached"], r["handed_over"], r["received"], r["adopted"],
             )
+        if r["registry"]["enabled"]:
+            stats_log.debug(
+                "[pid %d] hosts: %d WebSockets relayed to other hosts (%d open, %d hosts unreachable), %d relayed"
+                " here, %d made anew here for lack of Redis; registry %s",
+                s["pid"], r["relayed"], r["relays_open"], r["relay_failed"], r["relay_received"],
+                r["cross_host_fresh"], "available" if r["registry"]["available"] else "UNAVAILABLE",
+            )
         b = s["broadcast"]
         if b["topics"] or b["published"]:
             stats_log.debug(

@@ -98,7 +98,9 @@ class RunningServer:
         raise AssertionError(f"{count} workers did not start:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        """What the server printed, also after it stopped."""
+        if not self._log.closed:
+            self._log.flush()
         with open(self._log.name, "rb") as f:
             return f.read().decode("utf-8", "replace")
 

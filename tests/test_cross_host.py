@@ -518,3 +518,30 @@ def test_two_flask_docsync_serve_hosts_with_redis_url_share_their_sessions(tmp_p
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_relaying_host_that_stops_ends_its_relays_and_the_session_lives_on(cluster):
+    import websocket
+
+    hosts, _, _, _ = cluster
+    a, b = hosts
+    token = fetch_token(f"http://127.0.0.1:{a.port}/home")
+    owner = _set_value(a, token, 654)
+    client = WireClient(f"ws://127.0.0.1:{b.port}/home/ws", token, timeout=20)
+    try:
+        assert slider_state(client)[::2] == (owner, 654)
+        assert sum(s["routing"]["relays_open"] for s in b.worker_stats().values()) == 1
+        began = time.monotonic()
+        b.server.stop()  # SIGTERM: gunicorn's graceful stop
+        with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError, OSError)):
+            while True:  # the owner's keep-alive pings arrive until the relay ends
+                opcode, _ = client.recv_frame()
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    raise websocket.WebSocketConnectionClosedException("closed")
+        # At once, not after gunicorn's graceful timeout (5 s here) ran out.
+        assert time.monotonic() - began < 3
+    finally:
+        client.close()
+    assert _reconnect(a, token)[::2] == (owner, 654)
+    assert "Traceback" not in b.server.log()
