@@ -85,6 +85,15 @@ def stop(proc: subprocess.Popen) -> None:
             continue
 
 
+def start_redis(logdir: Path) -> tuple[subprocess.Popen, str]:
+    """``redis-server`` on a free port of 127.0.0.1, no persistence; the process and its URL."""
+    redis_server = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    proc = start([redis_server, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+                  "--dir", str(logdir)], port, {}, logdir / "redis.log")
+    return proc, f"redis://{HOST}:{port}/0"
+
+
 def cpu(procs: list[subprocess.Popen]) -> float:
     total = 0.0
     for proc in procs:
@@ -164,14 +173,11 @@ def main() -> int:
         redis_proc = None
         try:
             if kind == "redis":
-                redis_server = shutil.which("redis-server") or "/usr/bin/redis-server"
-                rport = free_port()
-                redis_proc = start([redis_server, "--port", str(rport), "--bind", HOST, "--save", "",
-                                    "--appendonly", "no", "--dir", str(logdir)], rport, {}, logdir / "redis.log")
+                redis_proc, redis_url = start_redis(logdir)
                 env = {"DOCSYNC_SECRET_KEY": secrets.token_urlsafe(32)}
                 ports = [free_port(), free_port()]
                 for i, port in enumerate(ports):
-                    extra = ["--num-procs", "2", "--redis-url", f"redis://{HOST}:{rport}/0"]
+                    extra = ["--num-procs", "2", "--redis-url", redis_url]
                     procs.append(start(serve_cmd(kind, port, extra), port, env, logdir / f"redis-host{i}.log"))
             else:
                 port = free_port()

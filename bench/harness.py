@@ -73,8 +73,10 @@ class Server:
     """One ``bokeh serve`` or ``flask-docsync serve`` process on a free port."""
 
     def __init__(self, kind: str, logdir: Path, log_level: str = "warning", extra: list[str] | None = None,
-                 apps: tuple[str, ...] = APPS) -> None:
+                 apps: tuple[str, ...] = APPS, env: dict[str, str] | None = None) -> None:
         self.kind = kind
+        #: Environment variables for the server, set after the secrets of the bench's own environment are dropped.
+        self.env = dict(env or {})
         self.apps = apps
         self.logdir = logdir
         self.log_level = log_level
@@ -107,6 +109,7 @@ class Server:
         env.pop("BOKEH_SECRET_KEY", None)
         env.pop("DOCSYNC_SECRET_KEY", None)
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.env)
         self.proc = subprocess.Popen(
             self.command(), cwd=str(REPO), stdout=logfile, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, env=env,
@@ -182,6 +185,43 @@ class Server:
             except psutil.NoSuchProcess:
                 continue
         return total
+
+
+class Serving:
+    """``with Serving(servers, logdir) as run:`` stops every server however the block ends.
+
+    Ctrl-C (``KeyboardInterrupt``) ends the block early and is swallowed,
+    with ``run.interrupted`` set, so the partial results can be printed; any
+    other error is re-raised with ``run.failed`` set, and the logs are kept.
+    ``servers`` may still be filled inside the block (servers as they start);
+    ``also`` are called after them (other processes to stop); ``cleanup``
+    (removing a temporary log directory) runs unless the block failed.
+    """
+
+    def __init__(self, servers: list[Server], logdir: Path, cleanup: Any = None, also: tuple[Any, ...] = ()) -> None:
+        self.servers = servers
+        self.logdir = logdir
+        self.cleanup = cleanup
+        self.also = also
+        self.interrupted = self.failed = False
+
+    def __enter__(self) -> Serving:
+        return self
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        if kind is KeyboardInterrupt:
+            self.interrupted = True
+            log("interrupted; stopping the servers")
+        elif kind is not None:
+            self.interrupted = self.failed = True
+            log(f"failed; stopping the servers (their logs stay in {self.logdir})")
+        for s in self.servers:
+            s.stop(3.0 if self.interrupted else 10.0)
+        for stop in self.also:
+            stop()
+        if self.cleanup is not None and not self.failed:
+            self.cleanup()
+        return kind is KeyboardInterrupt
 
 
 async def wait_quiet(
