@@ -401,9 +401,9 @@ def ws(app_path: str = "") -> Response:
     except HandshakeError as exc:
         log.warning("WebSocket %s refused (%d): %s", request.path, exc.status, exc.reason)
         return _refuse(exc.status, exc.reason, exc.headers)
-    hops, refusal_reason = _relay_hops(server, environ)
-    if refusal_reason is not None:
-        return _refuse_ws(environ, 403, refusal_reason)
+    hops, refused = _relay_hops(server, environ)
+    if refused is not None:
+        return refused
     origin = request.headers.get("Origin") or request.headers.get("Sec-WebSocket-Origin")
     # Flask 3.1 refuses requests for other hosts (400) before this view when
     # TRUSTED_HOSTS is set; the config is read too for a Flask that does not.
@@ -472,12 +472,18 @@ _HANDOVER_KEYS = ("REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", 
                   "CONTENT_LENGTH")
 
 
-def _relay_hops(server: DocSyncServer, environ: Any) -> tuple[int, str | None]:
-    """How many times the request was relayed by another host, or why it is refused.
+def _relay_path() -> str:
+    """The path and query a relay's MAC covers, the same on both hosts."""
+    query = request.environ.get("QUERY_STRING", "")
+    return request.path + ("?" + query if query else "")
 
-    A verified relay brings the client's address, which replaces the
-    relaying host's. A request handed over by a worker of this host was
-    checked by that worker already.
+
+def _relay_hops(server: DocSyncServer, environ: Any) -> tuple[int, Response | None]:
+    """How many times the request was relayed by another host, or the refusal of a bad relay.
+
+    A verified relay brings the client's address and scheme, which replace
+    the relaying host's for every check that follows. A request handed over
+    by a worker of this host was checked by that worker already.
     """
     value = environ.get(relay.ENVIRON_HEADER)
     if value is None:
@@ -485,40 +491,47 @@ def _relay_hops(server: DocSyncServer, environ: Any) -> tuple[int, str | None]:
     if websocket.HANDOVER_KEY in environ:
         return relay.MAX_HOPS, None
     secret = server.settings.secret_key_bytes if server.settings.signed else None
-    peer = environ.get(relay.ENVIRON_FOR_HEADER, "")
+    peer = environ.get("REMOTE_ADDR")
     try:
         if secret is None:
             raise relay.RelayRefused("this server signs no session ids, so it has no secret to check the relay with")
-        hops = relay.verify(value, secret, environ.get("REQUEST_METHOD", ""), request.path,
-                            environ.get("HTTP_SEC_WEBSOCKET_KEY", ""), environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", ""),
-                            peer)
+        relayed = relay.verify(value, secret, environ.get("REQUEST_METHOD", ""), _relay_path(),
+                               relay.headers_digest(environ))
     except relay.RelayRefused as exc:
-        return 0, f"Refused a WebSocket relayed by another host: {exc}."
+        return 0, _refuse_ws(environ, 403, f"Refused a WebSocket relayed by {peer}: {exc}.")
+    if relayed.host != server.router.host:
+        return 0, _refuse_ws(
+            environ, 502,
+            f"A WebSocket relayed by {peer} for host {relayed.host} reached host {server.router.host}: the"
+            f" DOCSYNC_ADVERTISE_URL of host {relayed.host} names this one; give each host its own address.",
+        )
     server.router.figures["relay_received"] += 1
-    if peer:
-        environ["REMOTE_ADDR"] = peer
-    return hops, None
+    client = environ.get(relay.ENVIRON_FOR_HEADER)
+    if client:
+        environ["REMOTE_ADDR"] = request.remote_addr = client
+    environ["wsgi.url_scheme"] = request.scheme = relayed.scheme
+    return relayed.hops, None
 
 
-def _relay_head(server: DocSyncServer, environ: Any, hops: int) -> bytes:
-    """The upgrade request as the host of the session gets it from a relay."""
+def _relay_head(server: DocSyncServer, environ: Any, hops: int, host: str) -> bytes:
+    """The upgrade request as host ``host`` gets it from a relay: the client's, signed."""
     target = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if not target:
         target = quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""))
         if environ.get("QUERY_STRING"):
             target += "?" + environ["QUERY_STRING"]
-    headers = [
-        ("-".join(part.capitalize() for part in key[5:].split("_")), value)
-        for key, value in environ.items()
+    forwarded = {
+        key: value for key, value in environ.items()
         if key.startswith("HTTP_") and isinstance(value, str)
         and key not in (relay.ENVIRON_HEADER, relay.ENVIRON_FOR_HEADER)
-    ]
-    peer = environ.get("REMOTE_ADDR") or ""
+    }
+    forwarded[relay.ENVIRON_FOR_HEADER] = environ.get("REMOTE_ADDR") or ""
     signature = relay.sign(
-        server.settings.secret_key_bytes or b"", hops + 1, environ.get("REQUEST_METHOD", "GET"), request.path,
-        environ.get("HTTP_SEC_WEBSOCKET_KEY", ""), environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", ""), peer,
+        server.settings.secret_key_bytes or b"", hops + 1, host, environ.get("wsgi.url_scheme", "http"),
+        environ.get("REQUEST_METHOD", "GET"), _relay_path(), relay.headers_digest(forwarded),
     )
-    headers += [(relay.HEADER, signature), (relay.FOR_HEADER, peer)]
+    headers = [("-".join(part.capitalize() for part in key[5:].split("_")), value) for key, value in forwarded.items()]
+    headers.append((relay.HEADER, signature))
     return relay.request_head(environ.get("REQUEST_METHOD", "GET"), target, headers)
 
 
@@ -558,8 +571,8 @@ def _route_to_home(server: DocSyncServer, route: str, session_id: str, environ: 
     secret = server.settings.secret_key_bytes or b""
     opened: list[relay.Relay] = []
 
-    def open_relay(url: str) -> None:
-        opened.append(relay.Relay.open(detached.sock, url, _relay_head(server, environ, hops), detached.buffered))
+    def open_relay(url: str, host: str) -> None:
+        opened.append(relay.Relay.open(detached.sock, url, _relay_head(server, environ, hops, host), detached.buffered))
 
     try:
         outcome = server.router.deliver(

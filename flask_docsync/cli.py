@@ -177,7 +177,14 @@ def create_app(options: argparse.Namespace, port: int | None = None) -> Any:
         if value is not None:
             settings[key] = value
     if options.redis_url and not options.advertise_url and not os.environ.get("DOCSYNC_ADVERTISE_URL") and port:
-        settings["advertise_url"] = f"http://{_reachable_name(options.address)}:{port}"
+        name = _reachable_name(options.address)
+        if name is None:
+            logging.getLogger("flask_docsync.cli").warning(
+                "Other hosts cannot relay WebSockets to this one: no address to advertise was found;"
+                " give --advertise-url http://<this host's address>:%d", port,
+            )
+        else:
+            settings["advertise_url"] = f"http://{name}:{port}"
     # Unlike bokeh serve, headers and cookies stay out of the token unless
     # the include flags ask for them: a session made by the page request
     # sees that request in full, one made on WebSocket open sees the
@@ -448,13 +455,21 @@ def serve_with_gunicorn(options: argparse.Namespace) -> int:
     return 0
 
 
-def _reachable_name(address: str | None) -> str:
-    """The name other hosts can use for a server bound to ``address``."""
-    if not address or address in ("0.0.0.0", "::", "[::]"):
-        # Bound to every interface: the machine's own name is what its
-        # neighbours know it by.
-        return socket.getfqdn()
-    return f"[{address.strip('[]')}]" if ":" in address else address
+def _reachable_name(address: str | None) -> str | None:
+    """The address other hosts can use for a server bound to ``address``; ``None`` if there is none to tell."""
+    if address and address not in ("0.0.0.0", "::", "[::]"):
+        return f"[{address.strip('[]')}]" if ":" in address else address
+    # Bound to every interface: the address of the interface that leads
+    # elsewhere (a UDP connect sends nothing; it only picks the route).
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))
+        found = probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None if found.startswith("127.") else found
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -359,13 +359,14 @@ def _advertise_url(value: Any, key: str) -> str | None:
             port = parts.port
         except ValueError:
             port = None
-        if (parts.scheme == "http" and parts.hostname and port is not None and parts.path in ("", "/")
+        if (parts.scheme == "http" and parts.hostname and parts.hostname not in ("0.0.0.0", "::")
+                and port is not None and parts.path in ("", "/")
                 and not parts.query and not parts.fragment and not parts.username):
             return f"http://{parts.netloc}"
     raise ConfigurationError(
         f"{key}={value!r} is not accepted; give the plain-HTTP address at which the other hosts reach this"
         " one's server directly, with its port and no path, such as http://10.0.0.5:8000 (the hosts' own"
-        " port behind the balancer, where TLS has already ended), or None."
+        " port behind the balancer, where TLS has already ended; not a wildcard such as 0.0.0.0), or None."
     )
 
 

@@ -721,7 +721,9 @@ class Hub:
 _os_thread_id = gevent.monkey.get_original("_thread", "get_ident")
 
 
-def redis_client(url: str, timeout: float, on_connect: Callable[[Any], None] | None = None) -> Any:
+def redis_client(
+    url: str, timeout: float, on_connect: Callable[[Any], None] | None = None, connect_timeout: float = 2.0
+) -> Any:
     try:
         import redis
     except ImportError:
@@ -731,7 +733,7 @@ def redis_client(url: str, timeout: float, on_connect: Callable[[Any], None] | N
     # Keepalive and health checks: a connection Redis or a middlebox closed
     # silently must fail, not hang the reader.
     return redis.Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=2.0, socket_keepalive=True,
+        url, socket_timeout=timeout, socket_connect_timeout=connect_timeout, socket_keepalive=True,
         health_check_interval=15, retry_on_timeout=False, redis_connect_func=on_connect,
     )
 

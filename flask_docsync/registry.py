@@ -26,6 +26,8 @@ alone. This module imports no Flask.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -34,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.monkey
 
 from .pubsub import is_connection_error, redis_client, safe_url
 
@@ -108,16 +111,6 @@ class Entry:
     heir_url: str | None
 
 
-def _url_of(raw: Any) -> str | None:
-    if raw is None:
-        return None
-    try:
-        url = json.loads(raw).get("url")
-    except (ValueError, AttributeError):
-        return None
-    return url if isinstance(url, str) else None
-
-
 class RegistryUnavailable(Exception):
     """Redis cannot be asked now; the message says why."""
 
@@ -129,6 +122,10 @@ class Registry:
     :param prefix: Of every key, as for broadcasts.
     :param advertise_url: Where other hosts reach this one; ``None`` when
         they cannot (its sessions are then made anew where they arrive).
+    :param secret: The deployment's secret. Entries carry an HMAC of it
+        over their key and URL, and an entry without a valid one is taken
+        for absent: whoever can write to the Redis, but does not know the
+        secret, cannot send this deployment's WebSockets elsewhere.
     :param client_factory: As for :class:`flask_docsync.pubsub.Hub`.
     """
 
@@ -137,11 +134,16 @@ class Registry:
         redis_url: str | None,
         prefix: str = "docsync",
         advertise_url: str | None = None,
+        secret: bytes | None = None,
         client_factory: Callable[..., Any] | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.prefix = prefix
         self.advertise_url = advertise_url
+        self._secret = secret or b""
+        self._off_reason: str | None = None
+        self._probing = False
+        self._warned_forged: set[str] = set()
         self._client_factory = client_factory or redis_client
         self._client: Any = None
         self._claim: Any = None
@@ -155,11 +157,37 @@ class Registry:
         self._greenlet: gevent.Greenlet | None = None
         self._down_until = 0.0
         self._down_since: float | None = None
-        self.figures = {"lookups": 0, "unavailable": 0, "heir_claims": 0}
+        self.figures = {"lookups": 0, "unavailable": 0, "heir_claims": 0, "forged_entries": 0}
 
     @property
     def enabled(self) -> bool:
-        return self.redis_url is not None
+        return self.redis_url is not None and self._off_reason is None
+
+    def _entry(self, key: str) -> str:
+        mac = hmac.new(self._secret, f"{key}\n{self.advertise_url}".encode("utf-8"), hashlib.sha256).hexdigest()
+        return json.dumps({"url": self.advertise_url, "pid": os.getpid(), "mac": mac})
+
+    def _url_of(self, key: str, raw: Any) -> tuple[bool, str | None]:
+        """Whether the entry at ``key`` is there and this deployment's, and its URL."""
+        if raw is None:
+            return False, None
+        try:
+            entry = json.loads(raw)
+            url, mac = entry.get("url"), entry.get("mac")
+        except (ValueError, AttributeError):
+            url, mac = None, None
+        expected = hmac.new(self._secret, f"{key}\n{url}".encode("utf-8"), hashlib.sha256).hexdigest()
+        if not isinstance(mac, str) or not hmac.compare_digest(mac, expected):
+            self.figures["forged_entries"] += 1
+            if key not in self._warned_forged and len(self._warned_forged) < 100:
+                self._warned_forged.add(key)
+                log.warning(
+                    "The registry entry %s in Redis is not signed with this deployment's secret, so it is taken"
+                    " for absent: another deployment may share this Redis and DOCSYNC_REDIS_PREFIX (give each its"
+                    " own prefix), or its hosts have different DOCSYNC_SECRET_KEY values", key,
+                )
+            return False, None
+        return True, url if isinstance(url, str) else None
 
     def _worker_key(self, tag: str) -> str:
         return f"{self.prefix}:worker:{tag}"
@@ -182,6 +210,15 @@ class Registry:
             it does).
         """
         if not self.enabled:
+            return
+        if not gevent.monkey.is_module_patched("socket"):
+            # Every lookup would hold the whole process while Redis answers.
+            self._off_reason = "the process is not monkey-patched by gevent"
+            log.warning(
+                "WebSockets are not routed between hosts: DOCSYNC_REDIS_URL needs gevent's monkey-patching in"
+                " the serving process (gunicorn -k gevent, flask-docsync serve, or gevent.monkey.patch_all()"
+                " before anything else is imported)"
+            )
             return
         if self._greenlet is not None and self._tag == tag and not self._greenlet.dead:
             return
@@ -210,7 +247,7 @@ class Registry:
 
     def _connect(self) -> Any:
         if self._client is None:
-            self._client = self._client_factory(self.redis_url, TIMEOUT)
+            self._client = self._client_factory(self.redis_url, TIMEOUT, connect_timeout=TIMEOUT)
             self._claim = self._client.register_script(_CLAIM_HEIR)
             self._extend = self._client.register_script(_EXTEND_HEIR)
             self._lookup = self._client.register_script(_LOOKUP)
@@ -218,9 +255,13 @@ class Registry:
 
     def _call(self, func: Callable[[Any], Any]) -> Any:
         now = time.monotonic()
-        if now < self._down_until:
+        if now < self._down_until or (self._down_since is not None and self._probing):
+            # Down a moment ago, or another greenlet is finding out whether
+            # it is back: nobody else waits for it meanwhile.
             self.figures["unavailable"] += 1
             raise RegistryUnavailable(f"Redis at {safe_url(self.redis_url)} did not answer a moment ago")
+        probing = self._down_since is not None
+        self._probing = self._probing or probing
         try:
             result = func(self._connect())
         except Exception as exc:
@@ -233,12 +274,17 @@ class Registry:
                     " those for sessions of other hosts get fresh sessions until it is back",
                     safe_url(self.redis_url), exc,
                 )
-            self._down_until = now + BACKOFF
+            # From when the failure was known: a call that failed by timing
+            # out must not leave a back-off that has already run out.
+            self._down_until = time.monotonic() + BACKOFF
             self.figures["unavailable"] += 1
             raise RegistryUnavailable(f"Redis at {safe_url(self.redis_url)} failed: {exc}") from None
+        finally:
+            if probing:
+                self._probing = False
         if self._down_since is not None:
             log.warning("Redis at %s is reachable again after %.1f s: routing between hosts resumes",
-                        safe_url(self.redis_url), now - self._down_since)
+                        safe_url(self.redis_url), time.monotonic() - self._down_since)
             self._down_since = None
         return result
 
@@ -260,12 +306,11 @@ class Registry:
         now = time.monotonic()
         keep = [key for key, claimed in self._claims.items() if now - claimed < HEIR_GRACE or self._holds(key[0])]
         self._claims = {key: self._claims[key] for key in keep}
-        entry = json.dumps({"url": self.advertise_url, "pid": os.getpid()})
 
         def write(client: Any) -> list[Any]:
             pipe = client.pipeline(transaction=False)
-            pipe.set(self._worker_key(tag), entry, ex=TTL)
-            pipe.set(self._host_key(self._host), entry, ex=TTL)
+            pipe.set(self._worker_key(tag), self._entry(self._worker_key(tag)), ex=TTL)
+            pipe.set(self._host_key(self._host), self._entry(self._host_key(self._host)), ex=TTL)
             for gone, bucket in keep:
                 self._extend(keys=[self._heir_key(gone, bucket)], args=[tag, HEIR_TTL], client=pipe)
             return pipe.execute()
@@ -286,13 +331,16 @@ class Registry:
             lambda client: self._lookup(keys=keys, args=[f"{self.prefix}:worker:"])
         )
         heir_tag = heir.decode("ascii", "replace") if isinstance(heir, bytes) else None
+        alive, url = self._url_of(keys[0], worker)
+        host_alive, host_url = self._url_of(keys[1], host_entry)
+        heir_alive, heir_url = self._url_of(self._worker_key(heir_tag), heir_entry) if heir_tag else (False, None)
         return Entry(
-            alive=worker is not None,
-            url=_url_of(worker),
-            host_alive=host is not None and host_entry is not None,
-            host_url=_url_of(host_entry),
-            heir=heir_tag if heir_entry is not None else None,
-            heir_url=_url_of(heir_entry),
+            alive=alive,
+            url=url,
+            host_alive=host is not None and host_alive,
+            host_url=host_url,
+            heir=heir_tag if heir_alive else None,
+            heir_url=heir_url,
         )
 
     def forget(self, tag: str) -> None:
@@ -327,6 +375,7 @@ class Registry:
         return {
             "enabled": self.enabled,
             "available": self.enabled and self._down_since is None,
+            "off": self._off_reason,
             "advertise_url": self.advertise_url,
             "heir_claims_held": len(self._claims),
             **self.figures,

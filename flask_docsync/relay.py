@@ -9,11 +9,14 @@ closes. The other host serves the request as if the client had sent it
 there, handing it to the owning worker as for any arrival; the ``101``
 and every frame pass through the relay unchanged.
 
-The header is ``<time>.<hops>.<mac>``: an HMAC-SHA256 of the deployment's
-secret over the time, the hop count, the method, the path, the client's
-``Sec-WebSocket-Key`` and ``Sec-WebSocket-Protocol`` (which carries the
-session token) and the client's address, which the receiving host takes in
-place of the relay's. A relayed request is never relayed again (a hop limit
+The header is ``<time>.<hops>.<host>.<scheme>.<mac>``: an HMAC-SHA256 of
+the deployment's secret over the time, the hop count, the id of the host it
+is meant for (a relay that reaches another host, through a wrong advertise
+URL, is refused there), the scheme the client used, the method, the path
+with its query and a digest of every header forwarded (cookies, origin and
+the session token in ``Sec-WebSocket-Protocol`` among them, and
+``X-DocSync-Relay-For``, the client's address, which the receiving host
+takes in place of the relay's, as it takes the scheme). A relayed request is never relayed again (a hop limit
 of one: a stale registry cannot send a connection round in circles); a
 header that is older than :data:`MAX_AGE` seconds, or does not check out,
 is refused.
@@ -26,13 +29,14 @@ flight per direction. This module imports no Flask.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import logging
 import socket
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import gevent
@@ -66,37 +70,66 @@ class RelayRefused(Exception):
     """A relay header that does not check out; the message says why."""
 
 
-def _mac(secret: bytes, when: str, hops: int, method: str, path: str, key: str, protocol: str, peer: str) -> str:
-    text = "\n".join((when, str(hops), method, path, key, protocol, peer)).encode("utf-8")
+@dataclasses.dataclass(frozen=True)
+class Relayed:
+    """What a verified ``X-DocSync-Relay`` header says."""
+
+    #: Relays the request has been through.
+    hops: int
+    #: The id of the host it was meant for.
+    host: str
+    #: The scheme the client used (``http`` or ``https``) where it arrived.
+    scheme: str
+
+
+def headers_digest(environ: Mapping[str, Any]) -> str:
+    """A digest of a request's headers as a relay forwards them: every one but the relay header."""
+    lines = sorted(
+        f"{key}:{value}" for key, value in environ.items()
+        if key.startswith("HTTP_") and key != ENVIRON_HEADER and isinstance(value, str)
+    )
+    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _mac(secret: bytes, when: str, hops: int, host: str, scheme: str, method: str, path: str, digest: str) -> str:
+    text = "\n".join((when, str(hops), host, scheme, method, path, digest)).encode("utf-8", "surrogateescape")
     return base64.urlsafe_b64encode(hmac.new(secret, text, hashlib.sha256).digest()).decode("ascii").rstrip("=")
 
 
-def sign(secret: bytes, hops: int, method: str, path: str, key: str, protocol: str, peer: str) -> str:
-    """The ``X-DocSync-Relay`` value for a request relayed for the ``hops``-th time."""
+def sign(secret: bytes, hops: int, host: str, scheme: str, method: str, path: str, digest: str) -> str:
+    """The ``X-DocSync-Relay`` value for a request relayed for the ``hops``-th time to ``host``.
+
+    :param path: The request's path and query string.
+    :param digest: :func:`headers_digest` of the headers as forwarded
+        (the client's, the ``X-DocSync-Relay-For`` added): the MAC covers
+        every one of them, cookies, origin and token included.
+    """
     when = f"{time.time():.3f}"
-    return f"{when}.{hops}.{_mac(secret, when, hops, method, path, key, protocol, peer)}"
+    return f"{when}.{hops}.{host}.{scheme}.{_mac(secret, when, hops, host, scheme, method, path, digest)}"
 
 
-def verify(value: str, secret: bytes, method: str, path: str, key: str, protocol: str, peer: str) -> int:
-    """The hop count of a relayed request whose header is ``value``.
+def verify(value: str, secret: bytes, method: str, path: str, digest: str) -> Relayed:
+    """What the relay header ``value`` of a request says, once it checks out.
 
     :raises RelayRefused: the header is malformed, too old, over the hop
         limit or not signed with ``secret`` over this request.
     """
     try:
-        seconds, fraction, hops_text, mac = value.split(".", 3)
+        seconds, fraction, hops_text, host, scheme, mac = value.split(".", 5)
         when = f"{seconds}.{fraction}"
         sent, hops = float(when), int(hops_text)
     except ValueError:
         raise RelayRefused("the relay header is malformed") from None
-    if not hmac.compare_digest(mac, _mac(secret, when, hops, method, path, key, protocol, peer)):
+    if not hmac.compare_digest(mac, _mac(secret, when, hops, host, scheme, method, path, digest)):
         raise RelayRefused("the relay header is not signed with this deployment's secret over this request")
     age = time.time() - sent
     if not -MAX_AGE <= age <= MAX_AGE:
         raise RelayRefused(f"the relay header is {age:.1f} s old (at most {MAX_AGE:.0f} s; are the hosts' clocks set?)")
     if not 1 <= hops <= MAX_HOPS:
         raise RelayRefused(f"the request has been relayed {hops} times (at most {MAX_HOPS})")
-    return hops
+    if scheme not in ("http", "https"):
+        raise RelayRefused(f"the relay header names the scheme {scheme!r}")
+    return Relayed(hops, host, scheme)
 
 
 def address_of(url: str) -> tuple[str, int]:
@@ -110,6 +143,23 @@ def request_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -
     lines = [f"{method} {target} HTTP/1.1"]
     lines.extend(f"{name}: {value}" for name, value in headers if "\r" not in value and "\n" not in value)
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+
+
+#: TCP keep-alive of the connection to the other host: idle seconds, then
+#: probes every so many seconds, so many times. A host that vanished
+#: without a word (power, network) ends its relays within about a minute
+#: instead of holding them until the balancer's timeout.
+KEEPALIVE = (30, 10, 3)
+
+
+def _keep_alive(sock: Any) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle, interval, count = KEEPALIVE
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count),
+                        ("TCP_USER_TIMEOUT", (idle + interval * count) * 1000)):
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 class Relay:
@@ -140,6 +190,7 @@ class Relay:
             client.settimeout(None)  # an idle WebSocket is not a timed-out request
             upstream.settimeout(None)
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keep_alive(upstream)
             upstream.sendall(head + buffered)
         except OSError as exc:
             upstream.close()

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import handover
-from .registry import Registry, RegistryUnavailable
+from .registry import Entry, Registry, RegistryUnavailable
 from .relay import HostGone
 from .tokens import owner_tag
 
@@ -57,6 +57,14 @@ HEIR_ATTEMPTS = 3
 #: Hex digits of a tag that name the host, and those that name the worker on it.
 HOST_DIGITS = 6
 WORKER_DIGITS = 6
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def host_of(tag: str) -> str | None:
@@ -100,6 +108,7 @@ class Router:
         self._host = ""
         self._listeners: dict[bytes, handover.Listener] = {}
         self._warned: set[str] = set()
+        self._warned_unsigned = False
         #: Advertise URLs of the hosts seen, by host id: a host whose entries
         #: a restarted Redis lost for a moment is still found.
         self._host_urls: dict[str, str] = {}
@@ -125,8 +134,10 @@ class Router:
             self._pid = os.getpid()
             # Workers that share a namespace reach each other's hand-over
             # sockets: for routing they are one host.
-            name = f"{socket.gethostname()}/{self._namespace()}".encode("utf-8")
-            self._host = hashlib.sha256(name).hexdigest()[:HOST_DIGITS]
+            # The machine's boot id and name, and the advertise URL, tell
+            # apart containers that share a name and a master pid of 1.
+            name = "/".join((socket.gethostname(), _boot_id(), self._namespace(), self.registry.advertise_url or ""))
+            self._host = hashlib.sha256(name.encode("utf-8")).hexdigest()[:HOST_DIGITS]
             self._tag = self._host + secrets.token_hex(WORKER_DIGITS // 2)
             self._listeners = {}  # a parent's listeners are not this process's
         return self._tag
@@ -155,6 +166,12 @@ class Router:
         :param holds: ``holds(gone_tag)``: whether this worker holds sessions
             of that gone worker (see :meth:`Registry.start`).
         """
+        if self.registry.enabled and not self._secret and not self._warned_unsigned:
+            self._warned_unsigned = True
+            log.warning(
+                "WebSockets are not routed between workers and hosts: session ids are not signed, so the"
+                " owner written into them cannot be trusted. Set DOCSYNC_SECRET_KEY, the same on every host."
+            )
         active = active or self.registry.enabled
         if not active or not self._secret or not handover.SUPPORTED:
             self.active = False
@@ -166,8 +183,12 @@ class Router:
         self.registry.start(self.tag, self.host, holds)
 
     def stop(self) -> None:
-        """Stop listening, so that reconnects find this worker gone and go to live ones."""
-        self.registry.stop()
+        """Stop listening, so that reconnects find this worker gone and go to live ones.
+
+        The registry entry is left to :meth:`Registry.stop`, once the
+        worker's connections are closed: the workers of its host tell it is
+        gone at once without it.
+        """
         for listener in self._listeners.values():
             listener.close()
         self._listeners.clear()
@@ -187,7 +208,7 @@ class Router:
         self,
         session_id: str,
         send: Callable[[bytes], None],
-        relay: Callable[[str], None] | None = None,
+        relay: Callable[[str, str], None] | None = None,
         hops: int = 0,
         held_here: bool = False,
     ) -> Outcome:
@@ -196,8 +217,8 @@ class Router:
         :param send: ``send(address)`` hands the connection over to the
             worker at ``address``; it raises
             :exc:`~flask_docsync.handover.OwnerGone` when nobody listens there.
-        :param relay: ``relay(url)`` opens a relay of the connection to the
-            host at ``url`` (the caller runs it when this returns
+        :param relay: ``relay(url, host)`` opens a relay of the connection to
+            the host ``host`` at ``url`` (the caller runs it when this returns
             :attr:`Outcome.RELAYED`); it raises
             :exc:`~flask_docsync.relay.HostGone` when the host cannot be
             reached. ``None``: the connection cannot be relayed.
@@ -218,7 +239,10 @@ class Router:
                 return Outcome.HANDED
             if self.registry.enabled:
                 self.registry.forget(tag)  # its entry may live on for a few seconds
-        elif self.registry.enabled:
+            # The heir socket decides on the host, with Redis or without, so
+            # that Redis coming and going cannot give one session two heirs.
+            return self._heir_on_host(tag, bucket, send)
+        if self.registry.enabled:
             try:
                 entry = self.registry.lookup(tag, host_of(tag), bucket)
             except RegistryUnavailable:
@@ -228,23 +252,24 @@ class Router:
             outcome = self._to_live_home(tag, entry, send, relay, held_here)
             if outcome is not None:
                 return outcome
-        if self.registry.enabled:
             try:
                 return self._heir_in_registry(tag, bucket, send, relay)
             except RegistryUnavailable:
                 pass
-        if not self._same_host(tag):
-            return self._fresh_for_other_host(session_id, tag, bucket, send, held_here)
-        return self._heir_on_host(tag, bucket, send)
+        return self._fresh_for_other_host(session_id, tag, bucket, send, held_here)
 
     def _to_live_home(
-        self, tag: str, entry: Any, send: Callable[[bytes], None], relay: Callable[[str], None] | None,
+        self, tag: str, entry: Entry, send: Callable[[bytes], None], relay: Callable[[str, str], None] | None,
         held_here: bool,
     ) -> Outcome | None:
         """Route a session of another host's worker to where it lives, if anywhere; ``None``: nowhere."""
         if entry.alive:
             # The owner wins over any copy (one made while Redis was away).
-            if relay is not None and self._relay(relay, tag, entry.url):
+            if relay is None:
+                # Relayed here already (a race with the registry): a copy
+                # here would be a second one; the client's retry goes anew.
+                raise handover.HandOverFailed(f"the session's worker {tag} is alive on another host")
+            if self._relay(relay, tag, entry.url):
                 return Outcome.RELAYED
             return None
         if entry.heir == self.tag:
@@ -275,7 +300,7 @@ class Router:
         self.figures["handed_over"] += 1
         return True
 
-    def _relay(self, relay: Callable[[str], None], tag: str, url: str | None, quiet: bool = False) -> bool:
+    def _relay(self, relay: Callable[[str, str], None], tag: str, url: str | None, quiet: bool = False) -> bool:
         if url is None:
             if tag[:HOST_DIGITS] not in self._warned:
                 self._warned.add(tag[:HOST_DIGITS])
@@ -286,7 +311,7 @@ class Router:
                 )
             return False
         try:
-            relay(url)
+            relay(url, tag[:HOST_DIGITS])
         except HostGone as exc:
             if quiet:  # a host only remembered here: gone, as the registry says
                 self._host_urls.pop(tag[:HOST_DIGITS], None)
@@ -298,7 +323,7 @@ class Router:
         return True
 
     def _heir_in_registry(
-        self, tag: str, bucket: int, send: Callable[[bytes], None], relay: Callable[[str], None] | None
+        self, tag: str, bucket: int, send: Callable[[bytes], None], relay: Callable[[str, str], None] | None
     ) -> Outcome:
         gone: str | None = None
         for _ in range(HEIR_ATTEMPTS):

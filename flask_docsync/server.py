@@ -226,6 +226,7 @@ class DocSyncServer:
         for context in self.contexts.values():
             context.destroy_all(force=True)
             context.run_unload_hook()
+        self.registry.stop()
         self.broadcasts.stop()
         self._started = False
         self._stopping = False
@@ -336,6 +337,8 @@ class DocSyncServer:
 
     def serve_relay(self, relayed: relay.Relay) -> None:
         """Copy a connection to and from the host of its session until it ends."""
+        if self._stopping:  # opened while the stop closed the others
+            relayed.close()
         self.relays.add(relayed)
         try:
             relayed.run()

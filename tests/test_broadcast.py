@@ -145,6 +145,7 @@ def test_a_destroyed_session_gets_nothing_more(site):
     ("DOCSYNC_ADVERTISE_URL", "http://10.0.0.5", "with its port and no path"),
     ("DOCSYNC_ADVERTISE_URL", "http://10.0.0.5:8000/app", "with its port and no path"),
     ("DOCSYNC_ADVERTISE_URL", "https://10.0.0.5:8443", "plain-HTTP address"),
+    ("DOCSYNC_ADVERTISE_URL", "http://0.0.0.0:8000", "not a wildcard"),
 ])
 def test_redis_and_broadcast_settings_are_validated_by_name(key, value, message):
     from flask_docsync import ConfigurationError

@@ -176,8 +176,10 @@ def test_panel_options_and_setup_errors_are_startup_errors(tmp_path):
 
 
 def test_serve_with_redis_advertises_its_own_address_unless_told(tmp_path):
+    from flask_docsync import cli
     from flask_docsync.cli import build_parser, create_app
 
+    assert cli._reachable_name(None) is None or not cli._reachable_name(None).startswith("127.")
     script = tmp_path / "app.py"
     script.write_text("from bokeh.io import curdoc\nfrom bokeh.models import Div\ncurdoc().add_root(Div())\n")
     parse = build_parser().parse_args
@@ -185,6 +187,9 @@ def test_serve_with_redis_advertises_its_own_address_unless_told(tmp_path):
         (["--redis-url", "redis://127.0.0.1:1/0", "--address", "10.0.0.5", "--port", "5006"], "http://10.0.0.5:5006"),
         (["--redis-url", "redis://127.0.0.1:1/0", "--port", "5006", "--advertise-url", "http://h:1"], "http://h:1"),
         (["--port", "5006"], None),
+        # Bound to every interface: the address of the interface with the route out, never a loopback name.
+        (["--redis-url", "redis://127.0.0.1:1/0", "--address", "0.0.0.0", "--port", "5006"],
+         None if cli._reachable_name(None) is None else f"http://{cli._reachable_name(None)}:5006"),
     )
     for args, advertised in cases:
         app = create_app(parse(["serve", str(script), *args]))

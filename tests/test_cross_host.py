@@ -301,44 +301,82 @@ def a_pid_of(host: Host, token: str) -> int:
     return _reconnect(host, token)[0]
 
 
-@pytest.mark.timeout(60)
-def test_a_forged_or_replayed_relay_header_is_refused(cluster):
-    import websocket
+def _raw_upgrade(port: int, token: str, headers: dict[str, str], source: str = "127.0.0.1") -> str:
+    """Send a WebSocket upgrade by hand; the status line of the answer."""
+    lines = [f"GET /home/ws HTTP/1.1", f"Host: {headers.pop('Host', f'127.0.0.1:{port}')}", "Upgrade: websocket",
+             "Connection: Upgrade", "Sec-WebSocket-Version: 13", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+             f"Sec-WebSocket-Protocol: bokeh, {token}", *(f"{k}: {v}" for k, v in headers.items())]
+    with socket.create_connection(("127.0.0.1", port), timeout=20, source_address=(source, 0)) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.split(b"\r\n", 1)[0].decode()
 
-    hosts, _, _, _ = cluster
-    a = hosts[0]
-    token = fetch_token(f"http://127.0.0.1:{a.port}/home")
-    url = f"ws://127.0.0.1:{a.port}/home/ws"
+
+def _environ_of(port: int, token: str, headers: dict[str, str]) -> dict[str, str]:
+    """The HTTP_* keys of an upgrade request as the receiving host's environ has them."""
+    environ = {"HTTP_HOST": f"127.0.0.1:{port}", "HTTP_UPGRADE": "websocket", "HTTP_CONNECTION": "Upgrade",
+               "HTTP_SEC_WEBSOCKET_VERSION": "13", "HTTP_SEC_WEBSOCKET_KEY": "dGhlIHNhbXBsZSBub25jZQ==",
+               "HTTP_SEC_WEBSOCKET_PROTOCOL": f"bokeh, {token}"}
+    environ.update({"HTTP_" + k.upper().replace("-", "_"): v for k, v in headers.items()})
+    return environ
+
+
+@pytest.mark.timeout(60)
+def test_a_forged_replayed_or_misdirected_relay_header_is_refused(cluster):
     from flask_docsync import relay
 
-    key = "dGhlIHNhbXBsZSBub25jZQ=="
-    args = ("GET", "/home/ws", key, f"bokeh,{token}", "10.1.2.3")
+    hosts, _, _, _ = cluster
+    a, b = hosts
+    token = fetch_token(f"http://127.0.0.1:{a.port}/home")
+    host_a = a.worker_stats()[next(iter(a.server.child_pids()))]["routing"]["host"]
+    host_b = b.worker_stats()[next(iter(b.server.child_pids()))]["routing"]["host"]
+    extra = {"X-DocSync-Relay-For": "10.1.2.3", "Cookie": "login=alice"}
+    digest = relay.headers_digest(_environ_of(a.port, token, extra))
+    args = ("GET", "/home/ws", digest)
     with mock.patch.object(relay.time, "time", return_value=time.time() - 60):
-        stale = relay.sign(SECRET.encode(), 1, *args)
+        stale = relay.sign(SECRET.encode(), 1, host_a, "http", *args)
     cases = (
-        ("1.2.3", "the relay header is malformed"),
-        (relay.sign(b"another deployment's secret", 1, *args), "is not signed with this deployment's secret"),
-        (relay.sign(SECRET.encode(), 1, "GET", "/home/ws", "another key", f"bokeh,{token}", "10.1.2.3"),
+        ("1.2.3", {}, "403", "the relay header is malformed"),
+        (relay.sign(b"another deployment's secret", 1, host_a, "http", *args), {}, "403",
          "is not signed with this deployment's secret"),
-        (stale, "the relay header is 60."),
-        (relay.sign(SECRET.encode(), 2, *args), "has been relayed 2 times"),
+        # Replayed with someone else's cookie: the MAC covers every header.
+        (relay.sign(SECRET.encode(), 1, host_a, "http", *args), {"Cookie": "login=mallory"}, "403",
+         "is not signed with this deployment's secret"),
+        (stale, {}, "403", "the relay header is 60."),
+        (relay.sign(SECRET.encode(), 2, host_a, "http", *args), {}, "403", "has been relayed 2 times"),
+        (relay.sign(SECRET.encode(), 1, host_b, "http", *args), {}, "502", f"for host {host_b} reached host {host_a}"),
     )
-    for value, reason in cases:
-        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
-            websocket.create_connection(url, subprotocols=["bokeh", token], timeout=10, header={
-                "X-DocSync-Relay": value, "X-DocSync-Relay-For": "10.1.2.3", "Sec-WebSocket-Key": key})
-        assert refused.value.status_code == 403
+    for value, changed, status, reason in cases:
+        line = _raw_upgrade(a.port, token, {**extra, **changed, "X-DocSync-Relay": value})
+        assert line.split()[1] == status, (line, reason)
         _wait_for(lambda: reason in a.server.log(), 5, reason)
-    # A header that checks out is taken (the client's address with it).
-    accepted = websocket.create_connection(url, subprotocols=["bokeh", token], timeout=10, header={
-        "X-DocSync-Relay": relay.sign(SECRET.encode(), 1, *args), "X-DocSync-Relay-For": "10.1.2.3",
-        "Sec-WebSocket-Key": key})
-    try:
-        assert accepted.getstatus() == 101
-    finally:
-        accepted.close()
-    # The session itself is untouched.
+    # A header that checks out is taken.
+    line = _raw_upgrade(a.port, token, {**extra, "X-DocSync-Relay": relay.sign(SECRET.encode(), 1, host_a, "http", *args)})
+    assert line.split()[1] == "101", line
     assert _reconnect(a, token)[2] == INITIAL_VALUE
+
+
+@pytest.mark.timeout(90)
+def test_a_relay_keeps_the_scheme_the_client_used(tmp_path, redis_server):  # noqa: F811
+    """Behind a TLS balancer whose X-Forwarded-Proto only the balancer's address may set."""
+    created = tmp_path / "created.log"
+    created.touch()
+    hosts = [Host(redis_server.url, created, FORWARDED_ALLOW_IPS="127.0.0.2") for _ in range(2)]
+    try:
+        a, b = hosts
+        token = fetch_token(f"http://127.0.0.1:{a.port}/home")
+        balancer = {"Host": "localhost", "Origin": "https://localhost", "X-Forwarded-Proto": "https"}
+        assert _raw_upgrade(a.port, token, dict(balancer), source="127.0.0.2").split()[1] == "101"
+        assert _raw_upgrade(b.port, token, dict(balancer), source="127.0.0.2").split()[1] == "101"  # relayed to A
+        assert sum(s["routing"]["relayed"] for s in b.worker_stats().values()) == 1
+    finally:
+        for host in hosts:
+            host.stop()
 
 
 def _made_count(created_log: Path) -> Counter:

@@ -20,35 +20,57 @@ from flask_docsync import registry, relay
 from redis_util import redis_server  # noqa: F401  (fixture)
 
 SECRET = b"relay-secret"
-REQUEST = ("GET", "/app/ws", "dGhlIHNhbXBsZSBub25jZQ==", "bokeh, token", "203.0.113.7")
+HEADERS = {"HTTP_COOKIE": "login=alice", "HTTP_ORIGIN": "https://example.com", "HTTP_HOST": "example.com",
+           "HTTP_SEC_WEBSOCKET_PROTOCOL": "bokeh, token", "HTTP_X_DOCSYNC_RELAY_FOR": "203.0.113.7"}
+REQUEST = ("GET", "/app/ws?x=1", relay.headers_digest(HEADERS))
+
+
+def signed(hops: int = 1, host: str = "aaaaaa", scheme: str = "https", secret: bytes = SECRET) -> str:
+    return relay.sign(secret, hops, host, scheme, *REQUEST)
 
 
 # -- relay headers -------------------------------------------------------------
 
 
-def test_a_signed_header_gives_its_hop_count():
-    assert relay.verify(relay.sign(SECRET, 1, *REQUEST), SECRET, *REQUEST) == 1
+def test_a_signed_header_gives_its_hops_host_and_scheme():
+    assert relay.verify(signed(), SECRET, *REQUEST) == relay.Relayed(1, "aaaaaa", "https")
 
 
-@pytest.mark.parametrize("field", range(len(REQUEST)))
-def test_a_header_for_another_request_is_refused(field):
-    other = list(REQUEST)
-    other[field] += "x"
+@pytest.mark.parametrize("changed", ["method", "path", "HTTP_COOKIE", "HTTP_ORIGIN", "HTTP_HOST",
+                                     "HTTP_SEC_WEBSOCKET_PROTOCOL", "HTTP_X_DOCSYNC_RELAY_FOR", "HTTP_X_EXTRA"])
+def test_a_header_for_another_request_is_refused(changed):
+    method, path, _ = REQUEST
+    headers = dict(HEADERS)
+    if changed == "method":
+        method = "POST"
+    elif changed == "path":
+        path += "&y=2"
+    else:
+        headers[changed] = headers.get(changed, "") + "x"
     with pytest.raises(relay.RelayRefused, match="not signed with this deployment's secret"):
-        relay.verify(relay.sign(SECRET, 1, *REQUEST), SECRET, *other)
+        relay.verify(signed(), SECRET, method, path, relay.headers_digest(headers))
+
+
+def test_the_relay_header_itself_is_not_in_the_digest():
+    assert relay.headers_digest({**HEADERS, relay.ENVIRON_HEADER: "anything"}) == REQUEST[2]
 
 
 def test_another_secret_old_headers_extra_hops_and_garbage_are_refused():
     with pytest.raises(relay.RelayRefused, match="not signed"):
-        relay.verify(relay.sign(b"other", 1, *REQUEST), SECRET, *REQUEST)
+        relay.verify(signed(secret=b"other"), SECRET, *REQUEST)
+    tampered = signed().replace(".aaaaaa.", ".bbbbbb.").replace(".https.", ".http.")
+    with pytest.raises(relay.RelayRefused, match="not signed"):
+        relay.verify(tampered, SECRET, *REQUEST)
     with mock.patch.object(relay.time, "time", return_value=time.time() - relay.MAX_AGE - 5):
-        old = relay.sign(SECRET, 1, *REQUEST)
+        old = signed()
     with pytest.raises(relay.RelayRefused, match=r"is 1\d\.\d s old"):
         relay.verify(old, SECRET, *REQUEST)
     for hops in (0, relay.MAX_HOPS + 1):
         with pytest.raises(relay.RelayRefused, match=f"relayed {hops} times"):
-            relay.verify(relay.sign(SECRET, hops, *REQUEST), SECRET, *REQUEST)
-    for garbage in ("", "abc", "1.2", "x.y.1.mac", "1.2.z.mac"):
+            relay.verify(signed(hops), SECRET, *REQUEST)
+    with pytest.raises(relay.RelayRefused, match="scheme 'gopher'"):
+        relay.verify(signed(scheme="gopher"), SECRET, *REQUEST)
+    for garbage in ("", "abc", "1.2", "x.y.1.h.s.mac", "1.2.z.h.s.mac", "1.2.1.h"):
         with pytest.raises(relay.RelayRefused, match="malformed"):
             relay.verify(garbage, SECRET, *REQUEST)
 
@@ -136,11 +158,13 @@ def test_a_host_that_refuses_is_gone():
 
 
 @pytest.fixture
-def registries(redis_server):  # noqa: F811
+def registries(redis_server, monkeypatch):  # noqa: F811
+    # Each test calls the registry from one greenlet: blocking sockets do.
+    monkeypatch.setattr(registry.gevent.monkey, "is_module_patched", lambda name: True)
     made: list[registry.Registry] = []
 
-    def make(tag: str, host: str, url: str | None = None) -> registry.Registry:
-        reg = registry.Registry(redis_server.url, "t", url)
+    def make(tag: str, host: str, url: str | None = None, secret: bytes = SECRET) -> registry.Registry:
+        reg = registry.Registry(redis_server.url, "t", url, secret)
         reg.start(tag, host, holds=lambda gone: False)
         made.append(reg)
         return reg
@@ -230,3 +254,40 @@ def test_redis_down_is_told_at_once_and_recovery_is_found(registries, redis_serv
     assert not b.lookup("aaaaaa000001", "aaaaaa").alive
     assert b.stats()["available"] is True
     assert any("reachable again" in r.getMessage() for r in caplog.records)
+
+
+def test_an_entry_not_signed_with_the_secret_is_taken_for_absent(registries, redis_server, caplog):  # noqa: F811
+    registries("aaaaaa000001", "aaaaaa", "http://10.0.0.1:8000", secret=b"another deployment")
+    b = registries("bbbbbb000001", "bbbbbb", "http://10.0.0.2:8000")
+    caplog.set_level(logging.WARNING, logger="flask_docsync.registry")
+    assert b.lookup("aaaaaa000001", "aaaaaa", 0) == registry.Entry(False, None, False, None, None, None)
+    # Nor can whoever writes to the Redis send relays elsewhere.
+    redis_server.client().set("t:worker:cccccc000001", '{"url": "http://evil:80", "mac": "00"}')
+    assert not b.lookup("cccccc000001", "cccccc", 0).alive
+    assert b.stats()["forged_entries"] == 3
+    assert any("not signed with this deployment's secret" in r.getMessage() for r in caplog.records)
+
+
+def test_without_monkey_patching_the_registry_stays_off(redis_server, caplog):  # noqa: F811
+    reg = registry.Registry(redis_server.url, "t", None, SECRET)
+    caplog.set_level(logging.WARNING, logger="flask_docsync.registry")
+    reg.start("aaaaaa000001", "aaaaaa", holds=lambda gone: False)
+    assert not reg.enabled and reg.stats()["off"]
+    assert redis_server.client().keys("t:*") == []
+    assert any("needs gevent's monkey-patching" in r.getMessage() for r in caplog.records)
+
+
+def test_while_redis_is_down_only_one_call_at_a_time_waits_for_it(registries, redis_server):  # noqa: F811
+    b = registries("bbbbbb000001", "bbbbbb")
+    redis_server.stop()
+    with pytest.raises(registry.RegistryUnavailable):
+        b.lookup("aaaaaa000001", "aaaaaa")
+    # A failure that took long still leaves its whole back-off (from when it ended).
+    assert b._down_until - time.monotonic() > registry.BACKOFF - 0.5
+    b._down_until = 0  # the back-off is over: the next call probes ...
+    b._probing = True  # ... and while one probes, the others do not wait
+    began = time.monotonic()
+    with pytest.raises(registry.RegistryUnavailable, match="a moment ago"):
+        b.lookup("aaaaaa000001", "aaaaaa")
+    assert time.monotonic() - began < 0.05
+    redis_server.start()
