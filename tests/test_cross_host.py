@@ -583,3 +583,34 @@ def test_a_relaying_host_that_stops_ends_its_relays_and_the_session_lives_on(clu
         client.close()
     assert _reconnect(a, token)[::2] == (owner, 654)
     assert "Traceback" not in b.server.log()
+
+
+@pytest.mark.timeout(120)
+def test_redis_coming_and_going_gives_a_gone_workers_session_one_heir_on_its_host(cluster, redis_server):  # noqa: F811
+    hosts, _, created_log, _ = cluster
+    a = hosts[0]
+    tokens = [fetch_token(f"http://127.0.0.1:{a.port}/home") for _ in range(6)]
+    owners = {token: _set_value(a, token, 5) for token in tokens}
+    victim = owners[tokens[0]]
+    gone = [token for token in tokens if owners[token] == victim]
+    os.kill(victim, signal.SIGKILL)
+    _wait_for(lambda: victim not in a.server.child_pids() and len(a.server.child_pids()) == WORKERS, 15,
+              "the worker to be replaced")
+    homes: dict[str, set[tuple[int, str]]] = {}
+
+    def reconnect_all(times: int) -> None:
+        for _ in range(times):
+            for token in gone:
+                pid, slider_id, _ = _reconnect(a, token)
+                homes.setdefault(token, set()).add((pid, slider_id))
+
+    reconnect_all(4)
+    redis_server.stop()
+    try:
+        reconnect_all(6)
+    finally:
+        redis_server.start()
+    reconnect_all(4)
+    assert all(len(found) == 1 for found in homes.values()), homes
+    made = _made_count(created_log)
+    assert all(made[get_session_id(token)] == 2 for token in gone), made
