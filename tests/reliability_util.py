@@ -139,14 +139,17 @@ def rss_mb(server: RunningServer) -> float:
     return psutil.Process(server.proc.pid).memory_info().rss / 2**20
 
 
-def raw_request(server: RunningServer, lines: list[str],
-                read_timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+def raw_request(server: RunningServer, lines: list[str], read_timeout: float = 10.0,
+                source: str | None = None) -> tuple[int, dict[str, str], bytes]:
     """Send a hand-written HTTP request head; return (status, headers, body so far).
 
     Reads the response head and, with Content-Length, the body. Raises if the
     server sends nothing within ``read_timeout``.
+
+    :param source: The local address to connect from (``None``: any).
     """
-    with socket.create_connection(("127.0.0.1", server.port), timeout=read_timeout) as sock:
+    address = (source, 0) if source else None
+    with socket.create_connection(("127.0.0.1", server.port), timeout=read_timeout, source_address=address) as sock:
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         data = b""
         while b"\r\n\r\n" not in data:

@@ -31,6 +31,8 @@ from bokeh.util.token import get_session_id
 from conftest import APPS, RunningServer, free_port
 from redis_util import redis_server  # noqa: F401  (fixture)
 from test_deploy import NGINX, Nginx
+from reliability_util import raw_request
+from test_one_home import _read_log
 from wire import WireClient, fetch_token, find_model
 
 pytest.importorskip("redis")
@@ -56,16 +58,7 @@ upstream hosts {{
 server {{
     listen 127.0.0.1:{port};
     location / {{
-        proxy_pass http://hosts;
-        proxy_http_version 1.1;
-        proxy_set_header Upgrade $http_upgrade;
-        proxy_set_header Connection $connection_upgrade;
-        proxy_set_header Host $host:$server_port;
-        proxy_read_timeout 300s;
-        proxy_next_upstream off;
-    }}
-    location /home/ws {{
-        access_log {log} docsync_ws;
+        access_log {log} docsync_ws if=$http_upgrade;
         proxy_pass http://hosts;
         proxy_http_version 1.1;
         proxy_set_header Upgrade $http_upgrade;
@@ -216,15 +209,6 @@ def test_sessions_reattach_across_two_hosts_and_relays_are_only_for_cross_host_a
     assert sum(s["relays_open"] for s in stats) == 0
 
 
-def _read_log(path: Path) -> list[tuple[int, str]]:
-    lines = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            pid, session_id = line.split(" ", 1)
-            lines.append((int(pid), session_id))
-    return lines
-
-
 def _reconnect(host: Host, token: str) -> tuple[int, str, object]:
     with WireClient(f"ws://127.0.0.1:{host.port}/home/ws", token, timeout=20) as client:
         state = slider_state(client)
@@ -301,20 +285,13 @@ def a_pid_of(host: Host, token: str) -> int:
     return _reconnect(host, token)[0]
 
 
-def _raw_upgrade(port: int, token: str, headers: dict[str, str], source: str = "127.0.0.1") -> str:
-    """Send a WebSocket upgrade by hand; the status line of the answer."""
-    lines = [f"GET /home/ws HTTP/1.1", f"Host: {headers.pop('Host', f'127.0.0.1:{port}')}", "Upgrade: websocket",
-             "Connection: Upgrade", "Sec-WebSocket-Version: 13", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-             f"Sec-WebSocket-Protocol: bokeh, {token}", *(f"{k}: {v}" for k, v in headers.items())]
-    with socket.create_connection(("127.0.0.1", port), timeout=20, source_address=(source, 0)) as sock:
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        answer = b""
-        while b"\r\n" not in answer:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-    return answer.split(b"\r\n", 1)[0].decode()
+def _raw_upgrade(host: Host, token: str, headers: dict[str, str], source: str = "127.0.0.1") -> int:
+    """Send a WebSocket upgrade by hand; the status of the answer."""
+    lines = ["GET /home/ws HTTP/1.1", f"Host: {headers.pop('Host', f'127.0.0.1:{host.port}')}",
+             "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Version: 13",
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", f"Sec-WebSocket-Protocol: bokeh, {token}",
+             *(f"{k}: {v}" for k, v in headers.items())]
+    return raw_request(host.server, lines, read_timeout=20, source=source)[0]
 
 
 def _environ_of(port: int, token: str, headers: dict[str, str]) -> dict[str, str]:
@@ -341,23 +318,22 @@ def test_a_forged_replayed_or_misdirected_relay_header_is_refused(cluster):
     with mock.patch.object(relay.time, "time", return_value=time.time() - 60):
         stale = relay.sign(SECRET.encode(), 1, host_a, "http", *args)
     cases = (
-        ("1.2.3", {}, "403", "the relay header is malformed"),
-        (relay.sign(b"another deployment's secret", 1, host_a, "http", *args), {}, "403",
+        ("1.2.3", {}, 403, "the relay header is malformed"),
+        (relay.sign(b"another deployment's secret", 1, host_a, "http", *args), {}, 403,
          "is not signed with this deployment's secret"),
         # Replayed with someone else's cookie: the MAC covers every header.
-        (relay.sign(SECRET.encode(), 1, host_a, "http", *args), {"Cookie": "login=mallory"}, "403",
+        (relay.sign(SECRET.encode(), 1, host_a, "http", *args), {"Cookie": "login=mallory"}, 403,
          "is not signed with this deployment's secret"),
-        (stale, {}, "403", "the relay header is 60."),
-        (relay.sign(SECRET.encode(), 2, host_a, "http", *args), {}, "403", "has been relayed 2 times"),
-        (relay.sign(SECRET.encode(), 1, host_b, "http", *args), {}, "502", f"for host {host_b} reached host {host_a}"),
+        (stale, {}, 403, "the relay header is 60."),
+        (relay.sign(SECRET.encode(), 2, host_a, "http", *args), {}, 403, "has been relayed 2 times"),
+        (relay.sign(SECRET.encode(), 1, host_b, "http", *args), {}, 502, f"for host {host_b} reached host {host_a}"),
     )
     for value, changed, status, reason in cases:
-        line = _raw_upgrade(a.port, token, {**extra, **changed, "X-DocSync-Relay": value})
-        assert line.split()[1] == status, (line, reason)
+        assert _raw_upgrade(a, token, {**extra, **changed, "X-DocSync-Relay": value}) == status, reason
         _wait_for(lambda: reason in a.server.log(), 5, reason)
     # A header that checks out is taken.
-    line = _raw_upgrade(a.port, token, {**extra, "X-DocSync-Relay": relay.sign(SECRET.encode(), 1, host_a, "http", *args)})
-    assert line.split()[1] == "101", line
+    signature = relay.sign(SECRET.encode(), 1, host_a, "http", *args)
+    assert _raw_upgrade(a, token, {**extra, "X-DocSync-Relay": signature}) == 101
     assert _reconnect(a, token)[2] == INITIAL_VALUE
 
 
@@ -371,8 +347,8 @@ def test_a_relay_keeps_the_scheme_the_client_used(tmp_path, redis_server):  # no
         a, b = hosts
         token = fetch_token(f"http://127.0.0.1:{a.port}/home")
         balancer = {"Host": "localhost", "Origin": "https://localhost", "X-Forwarded-Proto": "https"}
-        assert _raw_upgrade(a.port, token, dict(balancer), source="127.0.0.2").split()[1] == "101"
-        assert _raw_upgrade(b.port, token, dict(balancer), source="127.0.0.2").split()[1] == "101"  # relayed to A
+        assert _raw_upgrade(a, token, dict(balancer), source="127.0.0.2") == 101
+        assert _raw_upgrade(b, token, dict(balancer), source="127.0.0.2") == 101  # relayed to A
         assert sum(s["routing"]["relayed"] for s in b.worker_stats().values()) == 1
     finally:
         for host in hosts:
