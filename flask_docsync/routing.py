@@ -39,6 +39,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -109,6 +110,8 @@ class Router:
         self._listeners: dict[bytes, handover.Listener] = {}
         self._warned: set[str] = set()
         self._warned_unsigned = False
+        #: Heir listeners: address -> (the gone worker's tag, when it began).
+        self._heirships: dict[bytes, tuple[str, float]] = {}
         #: Advertise URLs of the hosts seen, by host id: a host whose entries
         #: a restarted Redis lost for a moment is still found.
         self._host_urls: dict[str, str] = {}
@@ -140,6 +143,7 @@ class Router:
             self._host = hashlib.sha256(name.encode("utf-8")).hexdigest()[:HOST_DIGITS]
             self._tag = self._host + secrets.token_hex(WORKER_DIGITS // 2)
             self._listeners = {}  # a parent's listeners are not this process's
+            self._heirships = {}
         return self._tag
 
     @property
@@ -192,6 +196,7 @@ class Router:
         for listener in self._listeners.values():
             listener.close()
         self._listeners.clear()
+        self._heirships.clear()
         self.active = False
 
     def owner_elsewhere(self, session_id: str) -> bool:
@@ -377,6 +382,7 @@ class Router:
                 return Outcome.HANDED
             try:
                 self._listeners[heir] = handover.Listener(heir, self._secret, self._serve)
+                self._heirships[heir] = (tag, time.monotonic())
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE:
                     raise
@@ -385,6 +391,28 @@ class Router:
             break
         self.figures["adopted"] += 1
         return Outcome.ADOPT
+
+    def release_heirships(self, holds: Callable[[str], bool], grace: float = 60.0) -> int:
+        """Stop being the heir of gone workers none of whose sessions live here any more.
+
+        Worker restarts (``max_requests``, deploys) would otherwise leave up
+        to :data:`HEIR_BUCKETS` listeners per gone worker on the survivors
+        for good. ``grace`` seconds after an heirship began it is kept
+        anyway: the session it was taken for is made after it.
+
+        :return: How many were released.
+        """
+        now = time.monotonic()
+        released = 0
+        for address, (tag, since) in list(self._heirships.items()):
+            if now - since < grace or holds(tag):
+                continue
+            listener = self._listeners.pop(address, None)
+            if listener is not None:
+                listener.close()
+            del self._heirships[address]
+            released += 1
+        return released
 
     def stats(self) -> dict[str, Any]:
         listeners = list(self._listeners.values())

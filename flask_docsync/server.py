@@ -414,6 +414,7 @@ class DocSyncServer:
                 log.exception("App %s: unused-session cleanup failed", context.url)
         if discarded:
             self.reclaimer.request()
+        self.router.release_heirships(self._holds_sessions_of)
 
     def _log_stats(self) -> None:
         if not stats_log.isEnabledFor(logging.DEBUG):

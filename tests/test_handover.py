@@ -192,3 +192,23 @@ def test_routers_hand_to_the_owner_or_adopt_once_for_a_gone_owner():
     server_end, client = tcp_pair()
     with server_end, client, pytest.raises(handover.OwnerGone):
         handover.hand_over(handover.socket_name(one._namespace(), one.tag), SECRET, server_end, {}, b"")
+
+
+def test_an_heir_lets_go_of_a_gone_worker_once_none_of_its_sessions_lives_here():
+    heir, _ = _worker()
+    other, _ = _worker()
+    try:
+        orphan = f"{'o' * 44}-deadbeef.sig"
+        server_end, client = tcp_pair()
+        with server_end, client:
+            send = lambda address: handover.hand_over(address, SECRET, server_end, {}, b"")  # noqa: E731
+            assert heir.deliver(orphan, send) is routing.Outcome.ADOPT
+            assert heir.release_heirships(lambda tag: tag == "deadbeef", grace=0) == 0  # still holds one
+            assert heir.release_heirships(lambda tag: False, grace=60) == 0  # within the grace
+            assert heir.release_heirships(lambda tag: False, grace=0) == 1
+            assert heir.stats()["heir_of"] == 0
+            # Its heir socket is gone: the next worker to see the orphan becomes the heir.
+            assert other.deliver(orphan, send) is routing.Outcome.ADOPT
+    finally:
+        heir.stop()
+        other.stop()
