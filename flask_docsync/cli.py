@@ -67,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=None, metavar="URL",
                    help="Redis joining the workers and hosts of a deployment (DOCSYNC_REDIS_URL):"
                         " broadcasts reach all of them.")
+    p.add_argument("--restore-sessions", action="store_true", default=None,
+                   help="Save each session in Redis and rebuild it on a live worker when its own dies"
+                        " (DOCSYNC_RESTORE_SESSIONS; needs --redis-url and signed session ids).")
+    p.add_argument("--restore-flush", type=_ms, default=None, metavar="MILLISECONDS",
+                   help="How often changed sessions are saved: what a kill -9 loses at most (default 300).")
+    p.add_argument("--restore-concurrency", type=int, default=None, metavar="N",
+                   help="Restores at once per worker; the rest wait (default 2).")
+    p.add_argument("--restore-max-bytes", type=int, default=None, metavar="BYTES",
+                   help="Largest saved data of one session (default 256 KiB).")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="Log level (default info).")
     p.add_argument("--log-format", default=DEFAULT_LOG_FORMAT, help="Python logging format.")
     p.add_argument("--log-file", default=None, help="Write logs to this file.")
@@ -166,6 +175,10 @@ def create_app(options: argparse.Namespace, port: int | None = None) -> Any:
         ("include_cookies", "include_cookies"),
         ("exclude_cookies", "exclude_cookies"),
         ("redis_url", "redis_url"),
+        ("restore_sessions", "restore_sessions"),
+        ("restore_flush", "restore_flush_ms"),
+        ("restore_concurrency", "restore_concurrency"),
+        ("restore_max_bytes", "restore_max_bytes"),
     ):
         value = getattr(options, flag)
         if value is not None:

@@ -1,0 +1,52 @@
+"""Bokeh apps for the restore tests (tests/test_restore.py), as ``modify_doc`` functions.
+
+``full_app`` has what the issue asks a restore to bring back: a slider whose
+callback derives a text, a select that rebuilds a figure, the figure's
+ranges (a zoom), a table whose cells the browser edits, and app-declared
+state that a button's click changes.
+"""
+
+from __future__ import annotations
+
+from bokeh.layouts import column
+from bokeh.models import Button, ColumnDataSource, DataTable, Div, Range1d, Select, Slider, TableColumn
+from bokeh.plotting import figure
+
+from flask_docsync import restorable
+
+
+def _figure(kind: str):
+    p = figure(name="plot", title=kind, x_range=Range1d(0, 10), y_range=Range1d(0, 10), width=300, height=200)
+    if kind == "line":
+        p.line([1, 2, 3], [3, 1, 2], name="glyph")
+    else:
+        p.scatter([1, 2, 3], [3, 1, 2], name="glyph")
+    return p
+
+
+def full_app(doc):
+    state = restorable(clicks=0)
+    slider = Slider(start=0, end=100, step=1, value=1, title="value", name="slider")
+    derived = Div(text="double: 2", name="derived")
+    select = Select(options=["line", "scatter"], value="line", name="select")
+    source = ColumnDataSource(data={"name": ["a", "b", "c"], "score": [1, 2, 3]}, name="source")
+    table = DataTable(source=source, columns=[TableColumn(field="name"), TableColumn(field="score")],
+                      editable=True, name="table")
+    clicks = Div(text=f"clicks: {state['clicks']}", name="clicks")
+    button = Button(label="click", name="button")
+    layout = column(slider, derived, select, _figure("line"), table, clicks, button, name="layout")
+
+    def on_slider(attr, old, new):
+        derived.text = f"double: {new * 2}"
+
+    def on_select(attr, old, new):
+        layout.children[3] = _figure(new)
+
+    def on_click():
+        state["clicks"] += 1
+        clicks.text = f"clicks: {state['clicks']}"
+
+    slider.on_change("value", on_slider)
+    select.on_change("value", on_select)
+    button.on_click(on_click)
+    doc.add_root(layout)

@@ -1,0 +1,364 @@
+"""Fast tests of session restore (flask_docsync.restore) in one process.
+
+A session of tests/restore_apps.py gets PATCH-DOCs as a browser sends them;
+its recorder's data goes to a dict standing for Redis; a second application
+context (another worker, as far as ids go: the model counter has moved on)
+rebuilds the session from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from bokeh.application import Application
+from bokeh.application.handlers.function import FunctionHandler
+from bokeh.util.token import generate_jwt_token
+
+import restore_apps
+from flask_docsync.context import ApplicationContext, RequestData
+from flask_docsync.protocol import protocol
+from flask_docsync.restore import Restorer, replay, skeleton
+
+
+class FakeRedis:
+    """The few hash commands the restorer uses, over a dict shared by "workers"."""
+
+    def __init__(self, data: dict) -> None:
+        self.data = data
+        self.ttl: dict[str, int] = {}
+        self.ops: list = []
+
+    def pipeline(self, transaction=False):
+        return self
+
+    def hset(self, key, mapping):
+        self.ops.append(("hset", key))
+        self.data.setdefault(key, {}).update({k.encode(): v.encode() for k, v in mapping.items()})
+
+    def pexpire(self, key, ms):
+        self.ttl[key] = ms
+
+    def delete(self, key):
+        self.ops.append(("delete", key))
+        self.data.pop(key, None)
+
+    def hgetall(self, key):
+        return dict(self.data.get(key, {}))
+
+    def execute(self):
+        return []
+
+    def close(self):
+        pass
+
+
+_workers: list = []
+
+
+@pytest.fixture
+def redis_data():
+    yield {}
+    while _workers:
+        restorer, context = _workers.pop()
+        context.destroy_all(force=True)
+        restorer.stop()
+
+
+def make_worker(redis_data, app=restore_apps.full_app, **kw):
+    restorer = Restorer("redis://unused", flush_ms=10_000, client_factory=lambda url, timeout: FakeRedis(redis_data),
+                        **kw)
+    context = ApplicationContext(Application(FunctionHandler(app)), "/r")
+    context.restorer = restorer
+    _workers.append((restorer, context))
+    return restorer, context
+
+
+def new_session(context, session_id="sess1"):
+    token = generate_jwt_token(session_id, signed=False, secret_key=None)
+    return context.create_session_if_needed(session_id, RequestData(), token, {})
+
+
+class Browser:
+    def send_frames(self, frames):
+        pass
+
+
+def patch(session, *events, buffers=()):
+    msg = protocol.assemble(json.dumps({"msgid": "m", "msgtype": "PATCH-DOC", "num_buffers": len(buffers)}), "{}",
+                            json.dumps({"events": list(events)}))
+    for header, payload in buffers:
+        msg.assemble_buffer(header, payload)
+    session.handle_patch(msg, Browser())
+
+
+def changed(model, attr, new):
+    return {"kind": "ModelChanged", "model": {"id": model.id}, "attr": attr, "new": new}
+
+
+def click(button):
+    return {"kind": "MessageSent", "msg_type": "bokeh_event", "msg_data": {
+        "type": "event", "name": "button_click", "values": {"type": "map", "entries": [
+            ["model", {"id": button.id}]]}}}
+
+
+def one(doc, name):
+    return doc.select_one({"name": name})
+
+
+def use_the_app(session):
+    """What a user does: select, zoom the new figure, slide, edit a cell, click twice."""
+    doc = session.document
+    patch(session, changed(one(doc, "select"), "value", "scatter"))
+    plot = one(doc, "plot")
+    assert plot.title.text == "scatter"
+    patch(session, changed(plot.x_range, "start", 2.5), changed(plot.x_range, "end", 7.25))
+    patch(session, changed(one(doc, "slider"), "value", 10))
+    patch(session, changed(one(doc, "slider"), "value", 42))
+    patch(session, {"kind": "ColumnsPatched", "model": {"id": one(doc, "source").id}, "attr": "data",
+                    "patches": {"score": [[1, 99]]}})
+    patch(session, click(one(doc, "button")))
+    patch(session, click(one(doc, "button")))
+
+
+def restore_on(context, restorer, session_id="sess1"):
+    token = generate_jwt_token(session_id, signed=False, secret_key=None)
+    return restorer.restore(context, session_id, RequestData(), token, {})
+
+
+def test_a_session_comes_back_on_another_worker_with_what_the_user_set(redis_data):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    use_the_app(session)
+    assert restorer.flush() == 1
+    before = skeleton(session.document)
+
+    restorer2, context2 = make_worker(redis_data)
+    restored = restore_on(context2, restorer2)
+    doc = restored.document
+    assert restored is not session and restored.id == session.id
+    assert one(doc, "slider").value == 42
+    assert one(doc, "derived").text == "double: 84", "the slider's callback ran again"
+    assert one(doc, "select").value == "scatter"
+    plot = one(doc, "plot")
+    assert plot.title.text == "scatter", "the select's callback rebuilt the figure"
+    assert (plot.x_range.start, plot.x_range.end) == (2.5, 7.25), "the zoom lands on the rebuilt figure"
+    assert one(doc, "source").data["score"] == [1, 99, 3]
+    assert one(doc, "clicks").text == "clicks: 2", "the app's declared state came back"
+    assert skeleton(doc) == before
+    assert one(doc, "slider").id != one(session.document, "slider").id, "new ids: another worker's"
+    assert restorer2.figures["restored"] == 1 and restorer2.figures["fresh_because_mismatch"] == 0
+    # The replay was recorded again: a second death restores as well.
+    assert restored.recorder.saved and restorer2.flush() == 1
+    restorer3, context3 = make_worker(redis_data)
+    again = restore_on(context3, restorer3)
+    assert one(again.document, "derived").text == "double: 84"
+    assert (one(again.document, "plot").x_range.start, one(again.document, "clicks").text) == (2.5, "clicks: 2")
+
+
+def test_latest_value_wins_and_the_log_stays_small(redis_data):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    slider = one(session.document, "slider")
+    for value in range(1000):
+        patch(session, changed(slider, "value", value))
+    assert len(session.recorder.entries) == 1
+    restorer.flush()
+    saved = redis_data[session.recorder.key]
+    assert len(saved[b"changes"]) < 100
+
+
+def test_nothing_saved_gives_a_fresh_session(redis_data, caplog):
+    restorer, context = make_worker(redis_data)
+    with caplog.at_level(logging.INFO, "flask_docsync.restore"):
+        session = restore_on(context, restorer, "never-seen")
+    assert one(session.document, "slider").value == 1
+    assert restorer.figures["nothing_saved"] == 1
+    assert "had nothing saved" in caplog.text
+
+
+def _other_app(doc):
+    from bokeh.models import Slider
+
+    doc.add_root(Slider(start=0, end=100, value=1, name="slider"))
+
+
+def test_a_changed_script_gives_a_fresh_session_with_a_log_line(redis_data, caplog):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    patch(session, changed(one(session.document, "slider"), "value", 42))
+    restorer.flush()
+    restorer2, context2 = make_worker(redis_data, app=_other_app)
+    with caplog.at_level(logging.WARNING, "flask_docsync.restore"):
+        fresh = restore_on(context2, restorer2)
+    assert one(fresh.document, "slider").value == 1
+    assert restorer2.figures["fresh_because_mismatch"] == 1 and restorer2.figures["restored"] == 0
+    assert "source changed" in caplog.text
+    restorer2.flush()
+    assert session.recorder.key not in redis_data, "the data that cannot be restored is deleted"
+
+
+#: How many sliders structure_app makes; tests change it between "workers".
+SLIDERS = [1]
+
+
+def structure_app(doc):
+    from bokeh.models import Div, Slider
+
+    state = restorable_state()
+    for n in range(SLIDERS[0]):
+        doc.add_root(Slider(start=0, end=100, value=1, name=f"s{n}"))
+    doc.add_root(Div(text=f"note: {state['note']}", name="note"))
+
+
+def restorable_state():
+    from flask_docsync import restorable
+
+    return restorable(note="")
+
+
+def test_another_structure_gives_a_fresh_session_not_a_half_restored_one(redis_data, caplog):
+    SLIDERS[0] = 1
+    restorer, context = make_worker(redis_data, app=structure_app)
+    session = new_session(context)
+    patch(session, changed(one(session.document, "s0"), "value", 42))
+    session.document.session_context._docsync_state["note"] = "kept"
+    restorer.flush()
+    SLIDERS[0] = 2  # the app's structure depends on something that changed
+    try:
+        restorer2, context2 = make_worker(redis_data, app=structure_app)
+        with caplog.at_level(logging.WARNING, "flask_docsync.restore"):
+            fresh = restore_on(context2, restorer2)
+    finally:
+        SLIDERS[0] = 1
+    assert one(fresh.document, "s0").value == 1
+    assert one(fresh.document, "note").text == "note: ", "no restored state in a fresh session"
+    assert restorer2.figures["fresh_because_mismatch"] == 1
+    assert "another document" in caplog.text
+    assert len(context2.sessions) == 1 and context2.sessions[0] is fresh
+
+
+def test_the_app_state_alone_is_restored(redis_data):
+    restorer, context = make_worker(redis_data, app=structure_app)
+    session = new_session(context)
+    session.document.session_context._docsync_state["note"] = "hello"
+    assert restorer.flush() == 1
+    assert restorer.flush() == 0, "unchanged state is not written again"
+    restorer2, context2 = make_worker(redis_data, app=structure_app)
+    assert one(restore_on(context2, restorer2).document, "note").text == "note: hello"
+
+
+# -- what cannot be restored: each listed limit ---------------------------------
+
+
+def test_clicks_are_not_replayed_and_are_logged_once(redis_data, caplog):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    with caplog.at_level(logging.INFO, "flask_docsync.restore"):
+        patch(session, click(one(session.document, "button")))
+        patch(session, click(one(session.document, "button")))
+    assert caplog.text.count("UI events (button_click) cannot be restored") == 1
+    assert session.recorder.skipped == 2 and not session.recorder.entries
+
+
+def test_document_ready_is_dropped_silently(redis_data, caplog):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    with caplog.at_level(logging.INFO, "flask_docsync.restore"):
+        patch(session, {"kind": "MessageSent", "msg_type": "bokeh_event",
+                        "msg_data": {"type": "event", "name": "document_ready", "values": {"type": "map"}}})
+    assert session.recorder.skipped == 0 and "cannot be restored" not in caplog.text
+
+
+def test_binary_buffers_are_not_saved(redis_data, caplog):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    source = one(session.document, "source")
+    value = {"type": "map", "entries": [["name", ["x"]], ["score", {
+        "type": "ndarray", "array": {"type": "bytes", "data": {"id": "buf1"}}, "shape": [1], "dtype": "float64",
+        "order": "little"}]]}
+    with caplog.at_level(logging.INFO, "flask_docsync.restore"):
+        patch(session, changed(source, "data", value), buffers=[({"id": "buf1"}, b"\0" * 8)])
+    assert "binary buffer" in caplog.text and not session.recorder.entries
+
+
+def test_models_the_browser_creates_are_not_saved(redis_data, caplog):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    layout = one(session.document, "layout")
+    children = [{"id": c.id} for c in layout.children] + [
+        {"type": "object", "name": "Div", "id": "c9999", "attributes": {"text": "from the browser"}}]
+    with caplog.at_level(logging.INFO, "flask_docsync.restore"):
+        patch(session, changed(layout, "children", children))
+    assert "a model the browser created" in caplog.text and not session.recorder.entries
+
+
+def test_streams_from_the_browser_are_not_saved(redis_data, caplog):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    with caplog.at_level(logging.INFO, "flask_docsync.restore"):
+        patch(session, {"kind": "ColumnsStreamed", "model": {"id": one(session.document, "source").id},
+                        "attr": "data", "data": {"name": ["d"], "score": [4]}, "rollover": None})
+    assert "ColumnsStreamed from the browser" in caplog.text and not session.recorder.entries
+
+
+def test_past_the_byte_cap_a_session_restores_fresh(redis_data, caplog):
+    restorer, context = make_worker(redis_data, max_bytes=2048)
+    session = new_session(context)
+    with caplog.at_level(logging.WARNING, "flask_docsync.restore"):
+        patch(session, changed(one(session.document, "slider"), "title", "x" * 4000))
+    assert "DOCSYNC_RESTORE_MAX_BYTES" in caplog.text
+    patch(session, changed(one(session.document, "slider"), "value", 7))  # not recorded any more
+    restorer.flush()
+    assert restorer.figures["too_large"] == 1
+    restorer2, context2 = make_worker(redis_data, max_bytes=2048)
+    fresh = restore_on(context2, restorer2)
+    assert one(fresh.document, "slider").value == 1 and restorer2.figures["fresh_because_mismatch"] == 1
+
+
+def test_a_discarded_session_deletes_its_data(redis_data):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    patch(session, changed(one(session.document, "slider"), "value", 5))
+    restorer.flush()
+    key = session.recorder.key
+    assert key in redis_data
+    assert context.discard_session(session)
+    restorer.flush()
+    assert key not in redis_data
+
+
+def test_at_a_graceful_stop_discarded_sessions_keep_their_data(redis_data):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    patch(session, changed(one(session.document, "slider"), "value", 5))
+    key = session.recorder.key
+    restorer.save_all()
+    context.destroy_all(force=True)
+    restorer.flush()
+    assert key in redis_data
+
+
+def test_a_cell_edit_after_a_new_data_set_is_replayed_on_the_new_data(redis_data):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    source = one(session.document, "source")
+    patch(session, {"kind": "ColumnsPatched", "model": {"id": source.id}, "attr": "data",
+                    "patches": {"score": [[0, 50]]}})
+    patch(session, changed(source, "data", {"name": ["p", "q"], "score": [7, 8]}))
+    patch(session, {"kind": "ColumnsPatched", "model": {"id": source.id}, "attr": "data",
+                    "patches": {"score": [[1, 80]]}})
+    assert [k[0] for k in session.recorder.entries] == ["set", "cell"]
+    restorer.flush()
+    restorer2, context2 = make_worker(redis_data)
+    assert one(restore_on(context2, restorer2).document, "source").data == {"name": ["p", "q"], "score": [7, 80]}
+
+
+def test_replay_refuses_a_rank_that_does_not_exist(redis_data):
+    from flask_docsync.restore import NotFaithful
+
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    with pytest.raises(NotFaithful):
+        replay(session, [[["set", 10_000, "value"], 1, 5]])
