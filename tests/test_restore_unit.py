@@ -1,6 +1,6 @@
 """Fast tests of session restore (flask_docsync.restore) in one process.
 
-A session of tests/restore_apps.py gets PATCH-DOCs as a browser sends them;
+A session of tests/apps/restore_app.py gets PATCH-DOCs as a browser sends them;
 its recorder's data goes to a dict standing for Redis; a second application
 context (another worker, as far as ids go: the model counter has moved on)
 rebuilds the session from it.
@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import pytest
 from bokeh.application import Application
 from bokeh.application.handlers.function import FunctionHandler
 from bokeh.util.token import generate_jwt_token
 
-import restore_apps
+from conftest import APPS
+
+sys.path.insert(0, str(APPS))
+import restore_app  # noqa: E402  (tests/apps)
 from flask_docsync.context import ApplicationContext, RequestData
 from flask_docsync.protocol import protocol
 from flask_docsync.restore import Restorer, replay, skeleton
@@ -66,7 +70,7 @@ def redis_data():
         restorer.stop()
 
 
-def make_worker(redis_data, app=restore_apps.full_app, **kw):
+def make_worker(redis_data, app=restore_app.full_app, **kw):
     restorer = Restorer("redis://unused", flush_ms=10_000, client_factory=lambda url, timeout: FakeRedis(redis_data),
                         **kw)
     context = ApplicationContext(Application(FunctionHandler(app)), "/r")
