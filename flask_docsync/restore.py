@@ -422,10 +422,14 @@ class Recorder:
         """
         if self.paused:
             return None
+        session = self.session
+        ranks = self._ranks
+        if ranks is not None and session is not None and not session.destroyed and not ranks.fresh_for(session.document):
+            # A stale table holds the models the document has dropped since.
+            self._ranks = None
         state = self.state_json()
         if not self.dirty and state == self._state_json:
             return None
-        session = self.session
         if session is None or session.destroyed:
             return None
         if self.overflowed:

@@ -366,3 +366,83 @@ def test_replay_refuses_a_rank_that_does_not_exist(redis_data):
     session = new_session(context)
     with pytest.raises(NotFaithful):
         replay(session, [[["set", 10_000, "value"], 1, 5]])
+
+
+# -- settings, the per-app switch, the concurrency limit ----------------------------
+
+SECRET = "unit-secret-" + "u" * 32
+
+
+def test_restore_without_redis_is_refused_naming_both_keys():
+    from flask_docsync.config import Settings
+    from flask_docsync.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError) as info:
+        Settings.load({"DOCSYNC_RESTORE_SESSIONS": "true", "DOCSYNC_SECRET_KEY": SECRET}, {})
+    assert "DOCSYNC_RESTORE_SESSIONS" in str(info.value) and "DOCSYNC_REDIS_URL" in str(info.value)
+    with pytest.raises(ConfigurationError, match="DOCSYNC_RESTORE_FLUSH_MS"):
+        Settings.load({"DOCSYNC_RESTORE_FLUSH_MS": 0}, {})
+    with pytest.raises(ConfigurationError, match="DOCSYNC_RESTORE_CONCURRENCY"):
+        Settings.load({"DOCSYNC_RESTORE_CONCURRENCY": "many"}, {})
+    with pytest.raises(ConfigurationError, match="signed"):
+        Settings.load({"DOCSYNC_RESTORE_SESSIONS": True, "DOCSYNC_REDIS_URL": "redis://localhost:1/0",
+                       "DOCSYNC_SIGN_SESSIONS": False}, {})
+
+
+def test_add_app_restore_overrides_the_setting():
+    from flask_docsync.config import Settings
+    from flask_docsync.errors import ConfigurationError
+    from flask_docsync.server import DocSyncServer
+
+    plain = DocSyncServer(Settings.load({"DOCSYNC_SECRET_KEY": SECRET}, {}))
+    with pytest.raises(ConfigurationError) as info:
+        plain.add_app("/x", restore_app.full_app, restore=True)
+    assert "DOCSYNC_REDIS_URL" in str(info.value) and "restore=True" in str(info.value)
+
+    settings = Settings.load({"DOCSYNC_SECRET_KEY": SECRET, "DOCSYNC_REDIS_URL": "redis://localhost:1/0",
+                              "DOCSYNC_RESTORE_SESSIONS": True}, {})
+    server = DocSyncServer(settings)
+    assert server.add_app("/on", restore_app.full_app).restorer is server.restorer is not None
+    assert server.add_app("/off", restore_app.full_app, restore=False).restorer is None
+    off = DocSyncServer(Settings.load({"DOCSYNC_SECRET_KEY": SECRET, "DOCSYNC_REDIS_URL": "redis://localhost:1/0"}, {}))
+    assert off.add_app("/default", restore_app.full_app).restorer is None
+    assert off.add_app("/opted", restore_app.full_app, restore=True).restorer is off.restorer
+    # TTL: the unused lifetime, a cleanup pass, and the browser's reconnect window.
+    assert server.restorer.ttl_ms == settings.unused_session_lifetime_ms + settings.check_unused_sessions_ms + 60_000
+
+
+def test_restores_wait_for_a_slot_and_give_up_with_a_fresh_session(redis_data, caplog, monkeypatch):
+    import gevent
+
+    from flask_docsync import restore as restore_module
+
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    patch(session, changed(one(session.document, "slider"), "value", 42))
+    restorer.flush()
+    restorer2, context2 = make_worker(redis_data, concurrency=1)
+    monkeypatch.setattr(restore_module, "RESTORE_WAIT_SECONDS", 0.2)
+    assert restorer2._slots.acquire(blocking=False)  # a long restore holds the only slot
+    waiter = gevent.spawn(restore_on, context2, restorer2)
+    gevent.sleep(0.05)
+    assert restorer2.stats()["waiting"] == 1
+    with caplog.at_level(logging.WARNING, "flask_docsync.restore"):
+        fresh = waiter.get(timeout=5)
+    assert one(fresh.document, "slider").value == 1
+    assert restorer2.figures["fresh_because_busy"] == 1 and "no restore slot" in caplog.text
+    restorer2._slots.release()
+
+
+def test_a_restore_waits_its_turn_and_then_restores(redis_data):
+    import gevent
+
+    restorer, context = make_worker(redis_data)
+    for n in range(3):
+        session = new_session(context, f"s{n}")
+        patch(session, changed(one(session.document, "slider"), "value", 10 + n))
+    restorer.flush()
+    restorer2, context2 = make_worker(redis_data, concurrency=1)
+    greenlets = [gevent.spawn(restore_on, context2, restorer2, f"s{n}") for n in range(3)]
+    gevent.joinall(greenlets, timeout=10, raise_error=True)
+    assert [one(g.value.document, "slider").value for g in greenlets] == [10, 11, 12]
+    assert restorer2.figures["restored"] == 3
