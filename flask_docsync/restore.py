@@ -806,7 +806,8 @@ class Restorer:
         try:
             with gevent.Timeout(timeout):
                 count = self.flush()
-            log.info("Saved %d session(s) for restore before closing their WebSockets", count)
+            if count:
+                log.info("Saved %d session(s) for restore before closing their WebSockets", count)
         except BaseException as exc:  # gevent.Timeout is a BaseException
             if isinstance(exc, (KeyboardInterrupt, SystemExit, gevent.GreenletExit)):
                 raise

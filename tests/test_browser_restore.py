@@ -39,7 +39,8 @@ READ_STATE = """() => {
   const m = (name) => doc.get_model_by_name(name);
   return {
     pid: m('pid').text, slider: m('slider').value, derived: m('derived').text, select: m('select').value,
-    title: m('plot').title.text, zoom: [m('xr').start, m('xr').end], clicks: m('clicks').text,
+    title: m('layout').children[3].title.text,
+    zoom: [m('layout').children[3].x_range.start, m('layout').children[3].x_range.end], clicks: m('clicks').text,
     score: Array.from(m('source').data.get ? m('source').data.get('score') : m('source').data.score),
   };
 }"""
@@ -86,8 +87,10 @@ def test_the_page_comes_back_with_what_the_user_set_after_kill_9(server, page):
     owner = int(page.evaluate(READ_STATE)["pid"])
 
     js(page, "m('select').value = 'scatter'")
-    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('plot').title.text === 'scatter'")
-    js(page, "m('xr').setv({start: 2.5, end: 7.25})")
+    # The old figure may linger in BokehJS's index of models: go through the layout.
+    page.wait_for_function(
+        "() => Bokeh.documents[0].get_model_by_name('layout').children[3].title.text === 'scatter'")
+    js(page, "m('layout').children[3].x_range.setv({start: 2.5, end: 7.25})")
     js(page, "m('slider').value = 42")
     page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('derived').text === 'double: 84'")
     js(page, "m('source').patch({score: [[1, 99]]})")

@@ -446,3 +446,20 @@ def test_a_restore_waits_its_turn_and_then_restores(redis_data):
     gevent.joinall(greenlets, timeout=10, raise_error=True)
     assert [one(g.value.document, "slider").value for g in greenlets] == [10, 11, 12]
     assert restorer2.figures["restored"] == 3
+
+
+def test_serve_flags_set_the_restore_settings(monkeypatch, tmp_path):
+    from flask_docsync.cli import build_parser, create_app
+
+    monkeypatch.setenv("BOKEH_SECRET_KEY", SECRET)
+    script = tmp_path / "app.py"
+    script.write_text("from bokeh.io import curdoc\nfrom bokeh.models import Div\ncurdoc().add_root(Div())\n")
+    options = build_parser().parse_args([
+        "serve", str(script), "--session-ids", "signed", "--redis-url", "redis://localhost:1/0",
+        "--restore-sessions", "--restore-flush", "150", "--restore-concurrency", "3", "--restore-max-bytes", "4096"])
+    app = create_app(options, port=5006)
+    settings = app.extensions["docsync"].settings
+    assert (settings.restore_sessions, settings.restore_flush_ms, settings.restore_concurrency,
+            settings.restore_max_bytes) == (True, 150, 3, 4096)
+    assert app.extensions["docsync"].get_context("/app").restorer is not None
+    assert build_parser().parse_args(["serve"]).restore_sessions is None
