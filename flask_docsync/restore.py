@@ -311,6 +311,8 @@ class Recorder:
                     if n is None:
                         raise _Unsupported("a change of a model the browser created")
                     attr = event.get("attr")
+                    if not isinstance(attr, str):
+                        raise _Unsupported("a malformed event")
                     new = event.get("new")
                     value = new if isinstance(new, _PLAIN) else _to_ranks(new, rank)
                     out.append((("set", n, attr), value, _size(value) + 24))
@@ -321,7 +323,10 @@ class Recorder:
                     if n is None:
                         raise _Unsupported("a patch of a source the browser created")
                     patches = _to_ranks(event.get("patches"), rank)
-                    out.extend(self._cells(n, event.get("attr", "data"), patches))
+                    attr = event.get("attr", "data")
+                    if not isinstance(attr, str):
+                        raise _Unsupported("a malformed event")
+                    out.extend(self._cells(n, attr, patches))
                 elif kind == "TitleChanged":
                     title = event.get("title")
                     out.append((("title",), title, _size(title)))
@@ -334,26 +339,41 @@ class Recorder:
                     raise _Unsupported(f"{kind} from the browser")
             except _Unsupported as exc:
                 self._skip(str(exc))
+            except (AttributeError, TypeError, KeyError, ValueError):
+                # Malformed: Bokeh refuses it when it applies the patch; the
+                # recorder must not be what fails.
+                self._skip("a malformed event")
         return out or None
 
     def _cells(self, n: int, attr: Any, patches: Any) -> list[tuple[tuple[Any, ...], Any, int]]:
+        # BokehJS sends the patches as a map ({"type": "map", "entries":
+        # [[column, changes], ...]}, what its DataTable editor's
+        # source.patch() makes); Python clients as a plain object.
+        if isinstance(patches, dict) and patches.get("type") == "map":
+            columns = patches.get("entries") or []
+        elif isinstance(patches, dict) and "type" not in patches:
+            columns = list(patches.items())
+        else:
+            raise _Unsupported("a patch in an unknown form")
         out: list[tuple[tuple[Any, ...], Any, int]] = []
-        if isinstance(patches, dict) and "type" not in patches:
-            whole: dict[str, Any] = {}
-            for column, changes in patches.items():
-                if not isinstance(changes, list):
-                    whole[column] = changes
-                    continue
-                for change in changes:
-                    if isinstance(change, list) and len(change) == 2 and isinstance(change[0], int):
-                        out.append((("cell", n, attr, column, change[0]), change[1], _size(change[1]) + 24))
-                    else:
-                        whole.setdefault(column, []).append(change)
-            if not whole:
-                return out
-            patches = whole
-        self._patches += 1
-        out.append((("patch", n, attr, self._patches), patches, _size(patches) + 24))
+        whole: dict[str, Any] = {}
+        for pair in columns:
+            if not (isinstance(pair, list | tuple) and len(pair) == 2 and isinstance(pair[0], str)):
+                raise _Unsupported("a patch in an unknown form")
+            column, changes = pair
+            if not isinstance(changes, list):
+                whole[column] = changes
+                continue
+            for change in changes:
+                if (isinstance(change, list) and len(change) == 2 and isinstance(change[0], int)
+                        and not isinstance(change[0], bool)):
+                    # One cell: a later edit of it replaces this one.
+                    out.append((("cell", n, attr, column, change[0]), change[1], _size(change[1]) + 24))
+                else:
+                    whole.setdefault(column, []).append(change)
+        if whole:
+            self._patches += 1
+            out.append((("patch", n, attr, self._patches), whole, _size(whole) + 24))
         return out
 
     def commit(self, entries: list[tuple[tuple[Any, ...], Any, int]]) -> None:

@@ -96,7 +96,7 @@ def use_the_app(client: WireClient, doc: dict) -> None:
     patch(client, changed(xr, "start", 2.5), changed(xr, "end", 7.25))
     patch(client, changed(find_model(doc, "slider")["id"], "value", 42))
     patch(client, {"kind": "ColumnsPatched", "model": {"id": find_model(doc, "source")["id"]}, "attr": "data",
-                   "patches": {"score": [[1, 99]]}})
+                   "patches": {"type": "map", "entries": [["score", [[1, 99]]]]}})  # as BokehJS's DataTable sends it
     button = find_model(doc, "button")["id"]
     for _ in range(2):
         patch(client, {"kind": "MessageSent", "msg_type": "bokeh_event", "msg_data": {

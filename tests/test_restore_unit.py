@@ -120,8 +120,11 @@ def use_the_app(session):
     patch(session, changed(plot.x_range, "start", 2.5), changed(plot.x_range, "end", 7.25))
     patch(session, changed(one(doc, "slider"), "value", 10))
     patch(session, changed(one(doc, "slider"), "value", 42))
+    # As BokehJS's DataTable editor sends it (source.patch of a Map).
     patch(session, {"kind": "ColumnsPatched", "model": {"id": one(doc, "source").id}, "attr": "data",
-                    "patches": {"score": [[1, 99]]}})
+                    "patches": {"type": "map", "entries": [["score", [[1, 98]]]]}})
+    patch(session, {"kind": "ColumnsPatched", "model": {"id": one(doc, "source").id}, "attr": "data",
+                    "patches": {"type": "map", "entries": [["score", [[1, 99]]]]}})
     patch(session, click(one(doc, "button")))
     patch(session, click(one(doc, "button")))
 
@@ -149,6 +152,7 @@ def test_a_session_comes_back_on_another_worker_with_what_the_user_set(redis_dat
     assert plot.title.text == "scatter", "the select's callback rebuilt the figure"
     assert (plot.x_range.start, plot.x_range.end) == (2.5, 7.25), "the zoom lands on the rebuilt figure"
     assert one(doc, "source").data["score"] == [1, 99, 3]
+    assert len([k for k in session.recorder.entries if k[0] == "cell"]) == 1, "the latest edit of a cell replaces the earlier"
     assert one(doc, "clicks").text == "clicks: 2", "the app's declared state came back"
     assert skeleton(doc) == before
     assert one(doc, "slider").id != one(session.document, "slider").id, "new ids: another worker's"
@@ -463,3 +467,23 @@ def test_serve_flags_set_the_restore_settings(monkeypatch, tmp_path):
             settings.restore_max_bytes) == (True, 150, 3, 4096)
     assert app.extensions["docsync"].get_context("/app").restorer is not None
     assert build_parser().parse_args(["serve"]).restore_sessions is None
+
+
+def test_a_patch_with_slices_is_kept_whole(redis_data):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    source = one(session.document, "source")
+    patch(session, {"kind": "ColumnsPatched", "model": {"id": source.id}, "attr": "data", "patches": {
+        "type": "map", "entries": [["score", [[{"type": "slice", "start": 0, "stop": 2, "step": None}, [5, 6]]]]]}})
+    assert [k[0] for k in session.recorder.entries] == ["patch"]
+    restorer.flush()
+    restorer2, context2 = make_worker(redis_data)
+    assert one(restore_on(context2, restorer2).document, "source").data["score"] == [5, 6, 3]
+
+
+def test_a_malformed_event_is_skipped_by_the_recorder_and_refused_by_bokeh(redis_data):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    with pytest.raises(Exception):
+        patch(session, {"kind": "ModelChanged", "model": "not-a-ref", "attr": ["x"], "new": 1})
+    assert not session.recorder.entries and session.recorder.skipped == 1
