@@ -194,7 +194,7 @@ def _to_ranks(value: Any, rank: Mapping[str, int]) -> Any:
         kind = value.get("type")
         if kind == "object":
             raise _Unsupported("a model the browser created")
-        if kind is None and "id" in value:
+        if (kind is None or kind == "ref") and "id" in value:
             n = rank.get(value["id"])
             if n is None:
                 raise _Unsupported("a binary buffer or an unknown model")
@@ -712,6 +712,13 @@ class Restorer:
         self.figures: collections.Counter[str] = collections.Counter()
         self.restore_seconds = 0.0
         self.waiting = 0
+        from bokeh.settings import settings as bokeh_settings
+
+        if not bokeh_settings.simple_ids():
+            log.warning(
+                "BOKEH_SIMPLE_IDS is off: model ids are random, so they do not give the models' creation"
+                " order, and every restore will start a fresh session. Unset BOKEH_SIMPLE_IDS to restore."
+            )
 
     def key(self, route: str, session_id: str) -> str:
         return f"{self.prefix}:restore:{route}:{session_id}"
@@ -738,7 +745,7 @@ class Restorer:
         recorder.app = context.app_fingerprint
         session.recorder = recorder
         self._recorders[recorder.key] = recorder
-        if self._flusher is None and not self._stopped:
+        if (self._flusher is None or self._flusher.dead) and not self._stopped:
             self._flusher = gevent.spawn(self._flush_loop)
             self._flusher.name = "docsync-restore-flush"
         return recorder

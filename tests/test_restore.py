@@ -31,13 +31,14 @@ ROUTE = "/restore"
 
 
 class RestoreServer:
-    def __init__(self, tmp: Path, redis_url: str, flush_ms: int) -> None:
+    def __init__(self, tmp: Path, redis_url: str, flush_ms: int, unused_lifetime_ms: int = 15_000) -> None:
         port = free_port()
         cmd = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(WORKERS),
                "--bind", f"127.0.0.1:{port}", "--chdir", str(APPS), "--graceful-timeout", "10",
                "restore_app:create_app()"]
         self.server = RunningServer(cmd, port, env={
             "TEST_SECRET": SECRET, "TEST_REDIS_URL": redis_url, "RESTORE_FLUSH_MS": str(flush_ms),
+            "RESTORE_UNUSED_LIFETIME_MS": str(unused_lifetime_ms),
         })
         self.page_url = self.server.url + ROUTE
         self.ws_url = self.server.ws_url + ROUTE + "/ws"
@@ -63,8 +64,8 @@ class RestoreServer:
 def restore_server(tmp_path, redis_server):  # noqa: F811
     started: list[RestoreServer] = []
 
-    def start(flush_ms: int = 200) -> RestoreServer:
-        server = RestoreServer(tmp_path, redis_server.url, flush_ms)
+    def start(flush_ms: int = 200, unused_lifetime_ms: int = 15_000) -> RestoreServer:
+        server = RestoreServer(tmp_path, redis_server.url, flush_ms, unused_lifetime_ms)
         started.append(server)
         return server
 
@@ -205,3 +206,58 @@ def test_a_session_that_changed_nothing_reconnects_fresh_without_error(restore_s
         client.close()
     assert attrs(doc, "slider").get("value", 1) == 1
     assert "nothing saved" in server.server.log()
+
+
+#: Pages opened before the kill; about half are the victim's sessions.
+STAMPEDE_PAGES = 300
+
+
+@pytest.mark.timeout(240)
+def test_a_dead_workers_sessions_all_come_back_when_they_reconnect_at_once(restore_server):
+    """Every session of the killed worker reconnects at the same moment; each
+    gets its own slider value back, within BokehJS's ~30 s of retries, the
+    restores taking turns (DOCSYNC_RESTORE_CONCURRENCY) on the survivors."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Sessions nobody is connected to are discarded after their unused
+    # lifetime, and their saved data with them; the pages here wait longer.
+    server = restore_server(flush_ms=200, unused_lifetime_ms=300_000)
+    pages = []
+    for n in range(STAMPEDE_PAGES):
+        token, client, doc = open_page(server)
+        try:
+            patch(client, changed(find_model(doc, "slider")["id"], "value", 1000 + n))
+        finally:
+            client.close()
+        pages.append((token, int(attrs(doc, "pid")["text"]), 1000 + n))
+    victim = pages[0][1]
+    victims = [(token, value) for token, pid, value in pages if pid == victim]
+    time.sleep(1.0)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while victim in server.server.child_pids() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    def reconnect(item):
+        token, value = item
+        started = time.monotonic()
+        client = server.connect(token, retry_for=30)
+        try:
+            doc = client.handshake().content["doc"]
+        finally:
+            client.close()
+        return (attrs(doc, "slider").get("value"), attrs(doc, "derived").get("text"), value,
+                time.monotonic() - started)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=len(victims)) as pool:
+        results = list(pool.map(reconnect, victims))
+    elapsed = time.monotonic() - started
+    wrong = [r for r in results if (r[0], r[1]) != (r[2], f"double: {r[2] * 2}")]
+    slowest = max(r[3] for r in results)
+    print(f"{len(victims)} sessions of the killed worker restored in {elapsed:.1f} s (slowest {slowest:.1f} s)")
+    assert not wrong, f"{len(wrong)} of {len(victims)} sessions did not come back, e.g. {wrong[:3]}"
+    assert len(victims) > 50
+    assert slowest < 30, f"the slowest reconnect took {slowest:.1f} s: BokehJS would have given up"
+    log = server.server.log()
+    assert log.count("restored session") >= len(victims) and "Traceback" not in log

@@ -487,3 +487,12 @@ def test_a_malformed_event_is_skipped_by_the_recorder_and_refused_by_bokeh(redis
     with pytest.raises(Exception):
         patch(session, {"kind": "ModelChanged", "model": "not-a-ref", "attr": ["x"], "new": 1})
     assert not session.recorder.entries and session.recorder.skipped == 1
+
+
+def test_the_title_the_browser_set_comes_back(redis_data):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    patch(session, {"kind": "TitleChanged", "title": "mine"})
+    restorer.flush()
+    restorer2, context2 = make_worker(redis_data)
+    assert restore_on(context2, restorer2).document.title == "mine"

@@ -8,7 +8,8 @@ built the document.
 
 Settings from the environment, read by :func:`create_app`: ``TEST_SECRET``
 (``DOCSYNC_SECRET_KEY``), ``TEST_REDIS_URL`` (``DOCSYNC_REDIS_URL``),
-``RESTORE_FLUSH_MS`` (``DOCSYNC_RESTORE_FLUSH_MS``).
+``RESTORE_FLUSH_MS`` (``DOCSYNC_RESTORE_FLUSH_MS``), ``RESTORE_UNUSED_LIFETIME_MS``
+(``DOCSYNC_UNUSED_SESSION_LIFETIME_MS``).
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ def create_app():
         DOCSYNC_RESTORE_SESSIONS=True,
         DOCSYNC_RESTORE_FLUSH_MS=int(os.environ.get("RESTORE_FLUSH_MS", "200")),
         DOCSYNC_KEEP_ALIVE_MS=1000,
+        # Unused sessions are discarded (and their saved data deleted) after
+        # this; the stampede test's pages wait longer than the default 15 s.
+        DOCSYNC_UNUSED_SESSION_LIFETIME_MS=int(os.environ.get("RESTORE_UNUSED_LIFETIME_MS", "15000")),
     )
     docsync = DocSync(app, url_prefix="")
     docsync.add_app("/restore", full_app)
