@@ -389,6 +389,8 @@ class ApplicationContext:
             log.exception("App %s: session %s: restore failed", self.url, session.id)
             saved.failure = f"{type(exc).__name__}: {exc}"
         else:
+            # From now on the session is live again: restoring() says so.
+            context._docsync_saved_state = None
             self.restorer.figures["replayed"] += count
             return True
         self.restorer.mismatch(self.url, session.id, saved.failure)

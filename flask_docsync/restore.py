@@ -593,7 +593,12 @@ def restorable(defaults: Mapping[str, Any] | None = None, **more: Any) -> dict[s
 
 
 def restoring() -> bool:
-    """In an app script: whether this run rebuilds a session whose worker died."""
+    """In an app script: whether this run rebuilds a session whose worker died.
+
+    True while the script runs again and while the saved changes are
+    replayed (so a callback can tell a replayed change from a new one);
+    false afterwards, and in every other session.
+    """
     from bokeh.io import curdoc
 
     return getattr(curdoc().session_context, "_docsync_saved_state", None) is not None
@@ -723,14 +728,22 @@ class Restorer:
     def key(self, route: str, session_id: str) -> str:
         return f"{self.prefix}:restore:{route}:{session_id}"
 
+    def check(self) -> None:
+        """Refuse to run where Redis calls would block the whole process.
+
+        :raises ConfigurationError: without gevent's monkey-patching (unless
+            a client factory was given, as tests do).
+        """
+        if self._client_factory is None and not gevent.monkey.is_module_patched("socket"):
+            raise ConfigurationError(
+                "DOCSYNC_RESTORE_SESSIONS needs gevent's monkey-patching in the serving process, or"
+                " its Redis calls would stop every session: gunicorn -k gevent and flask-docsync serve"
+                " do it; with gevent.pywsgi, call gevent.monkey.patch_all() before anything else."
+            )
+
     def _redis(self) -> Any:
         if self._client is None:
-            if self._client_factory is None and not gevent.monkey.is_module_patched("socket"):
-                raise ConfigurationError(
-                    "DOCSYNC_RESTORE_SESSIONS needs gevent's monkey-patching in the serving process, or"
-                    " its Redis calls would stop every session: gunicorn -k gevent and flask-docsync serve"
-                    " do it; with gevent.pywsgi, call gevent.monkey.patch_all() before anything else."
-                )
+            self.check()
             from .pubsub import _redis_client
 
             factory = self._client_factory or _redis_client

@@ -200,6 +200,10 @@ class DocSyncServer:
         """
         if self._started:
             return
+        if self.restorer is not None and any(c.restorer is not None for c in self.contexts.values()):
+            # Here, before any session: a page that cannot be saved should
+            # fail loudly at once, not log failed saves for ever.
+            self.restorer.check()
         self._started = True
         if not self._stop_hooked:
             self._stop_hooked = deploy.on_stop_signal(self._stop_on_signal)

@@ -496,3 +496,86 @@ def test_the_title_the_browser_set_comes_back(redis_data):
     restorer.flush()
     restorer2, context2 = make_worker(redis_data)
     assert restore_on(context2, restorer2).document.title == "mine"
+
+
+# -- with a real redis-server: Redis going away and coming back ------------------------
+
+from redis_util import redis_server  # noqa: E402,F401  (fixture)
+
+
+def _real_worker(url, **kw):
+    import redis
+
+    restorer = Restorer(url, flush_ms=10_000, client_factory=lambda u, t: redis.Redis.from_url(u, socket_timeout=t,
+                        socket_connect_timeout=1), **kw)
+    context = ApplicationContext(Application(FunctionHandler(restore_app.full_app)), "/r")
+    context.restorer = restorer
+    _workers.append((restorer, context))
+    return restorer, context
+
+
+def test_saves_wait_while_redis_is_down_and_a_restore_then_starts_fresh(redis_data, redis_server, caplog):  # noqa: F811
+    restorer, context = _real_worker(redis_server.url)
+    session = new_session(context)
+    patch(session, changed(one(session.document, "slider"), "value", 42))
+    redis_server.stop()
+    with pytest.raises(Exception):
+        restorer.flush()
+    assert session.recorder.dirty, "what could not be written is written at the next flush"
+    restorer2, context2 = _real_worker(redis_server.url)
+    with caplog.at_level(logging.WARNING, "flask_docsync.restore"):
+        fresh = restore_on(context2, restorer2, "other")
+    assert one(fresh.document, "slider").value == 1 and restorer2.figures["fresh_because_error"] == 1
+    assert "could not be read" in caplog.text
+    redis_server.start()
+    assert restorer.flush() == 1
+    ttl = redis_server.client().pttl(session.recorder.key)
+    assert 0 < ttl <= restorer.ttl_ms
+    restorer3, context3 = _real_worker(redis_server.url)
+    assert one(restore_on(context3, restorer3).document, "derived").text == "double: 84"
+
+
+def test_a_server_with_restore_refuses_to_start_without_monkey_patching():
+    import gevent.monkey
+
+    from flask_docsync.config import Settings
+    from flask_docsync.errors import ConfigurationError
+    from flask_docsync.server import DocSyncServer
+
+    if gevent.monkey.is_module_patched("socket"):
+        pytest.skip("this process is monkey-patched")
+    server = DocSyncServer(Settings.load({"DOCSYNC_SECRET_KEY": SECRET, "DOCSYNC_REDIS_URL": "redis://localhost:1/0",
+                                          "DOCSYNC_RESTORE_SESSIONS": True}, {}))
+    server.add_app("/r", restore_app.full_app)
+    with pytest.raises(ConfigurationError, match="monkey-patching"):
+        server.start()
+    assert not server._started
+
+
+def _restoring_app(doc):
+    from bokeh.models import Div, Slider
+
+    from flask_docsync import restoring
+
+    seen = Div(text=f"built restoring={restoring()}", name="seen")
+    slider = Slider(start=0, end=10, value=1, name="slider")
+
+    def on_value(attr, old, new):
+        seen.text += f"; set restoring={restoring()}"
+
+    slider.on_change("value", on_value)
+    doc.add_root(slider)
+    doc.add_root(seen)
+
+
+def test_restoring_is_true_while_rebuilding_only(redis_data):
+    restorer, context = make_worker(redis_data, app=_restoring_app)
+    session = new_session(context)
+    patch(session, changed(one(session.document, "slider"), "value", 3))
+    assert one(session.document, "seen").text == "built restoring=False; set restoring=False"
+    restorer.flush()
+    restorer2, context2 = make_worker(redis_data, app=_restoring_app)
+    restored = restore_on(context2, restorer2)
+    assert one(restored.document, "seen").text == "built restoring=True; set restoring=True"
+    patch(restored, changed(one(restored.document, "slider"), "value", 4))
+    assert one(restored.document, "seen").text.endswith("; set restoring=False")
