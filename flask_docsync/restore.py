@@ -88,6 +88,10 @@ RESTORE_WAIT_SECONDS = 20.0
 #: data: the browser's reconnect attempts span about 30 s after its worker
 #: died, and the heir may be busy restoring others first.
 RECONNECT_GRACE_MS = 60_000
+#: Sessions a flush snapshots between yields to the event loop: each takes
+#: tens of microseconds, and a burst of many changed sessions must not hold
+#: the loop for all of them at once.
+SNAPSHOTS_PER_YIELD = 100
 #: Marks a model reference inside a recorded value: ``{RANK: n}``.
 RANK = "docsync:rank"
 #: UI events the browser sends again by itself after a reconnect.
@@ -113,7 +117,7 @@ def _creation_order(model_id: str) -> tuple[int, Any]:
 class Ranks:
     """The models of a document in creation order: ``ids[rank]`` and ``rank[id]``."""
 
-    __slots__ = ("source", "ids", "rank", "models")
+    __slots__ = ("source", "ids", "rank", "models", "_skeleton")
 
     def __init__(self, doc: Document) -> None:
         table = compat.model_table(doc)
@@ -123,17 +127,20 @@ class Ranks:
         self.ids = sorted(table, key=_creation_order)
         self.rank = {model_id: n for n, model_id in enumerate(self.ids)}
         self.models = table
+        self._skeleton: str | None = None
 
     def fresh_for(self, doc: Document) -> bool:
         return compat.model_table(doc) is self.source
 
     def skeleton(self) -> str:
         """A hash of the model types in creation order."""
-        h = hashlib.sha1()
-        for model_id in self.ids:
-            h.update(self.models[model_id].__qualified_model__.encode())
-            h.update(b"\n")
-        return f"{len(self.ids)}:{h.hexdigest()[:20]}"
+        if self._skeleton is None:
+            h = hashlib.sha1()
+            for model_id in self.ids:
+                h.update(self.models[model_id].__qualified_model__.encode())
+                h.update(b"\n")
+            self._skeleton = f"{len(self.ids)}:{h.hexdigest()[:20]}"
+        return self._skeleton
 
 
 def skeleton(doc: Document) -> str:
@@ -268,6 +275,9 @@ class Recorder:
         self._skipped: set[str] = set()
         self.skipped = 0
         self._state_json: str | None = None
+        #: ``wake(recorder)``: tells the restorer this session may have
+        #: something to save (see :meth:`touched`); ``None`` tells nobody.
+        self.wake: Any = None
         doc = session.document
         self.first_skeleton = self.ranks(doc).skeleton()
         self.app = ""
@@ -281,10 +291,6 @@ class Recorder:
         if ranks is None or not ranks.fresh_for(doc):
             ranks = self._ranks = Ranks(doc)
         return ranks
-
-    def drop_ranks(self) -> None:
-        """Forget the cached table (it holds the model dict it was made from)."""
-        self._ranks = None
 
     def prepare(self, content: Mapping[str, Any], doc: Document) -> list[tuple[tuple[Any, ...], Any, int]] | None:
         """The entries of one PATCH-DOC's content, with ranks as they are now.
@@ -394,6 +400,18 @@ class Recorder:
         self.dirty = True
         if self.bytes > self.max_bytes:
             self.overflow()
+        self.touched()
+
+    def touched(self) -> None:
+        """App code ran in this session (the document lock was released):
+        its declared state may have changed, so the next flush looks at it.
+
+        Called for every release of the lock, so it only queues: a flush
+        looks at queued sessions alone instead of all of them.
+        """
+        wake = self.wake
+        if wake is not None:
+            wake(self)
 
     def overflow(self) -> None:
         if self.overflowed:
@@ -467,7 +485,6 @@ class Recorder:
             if sum(len(v) for v in fields.values()) > self.max_bytes:
                 self.overflow()
                 fields = {"meta": json.dumps({"format": FORMAT, "overflowed": True})}
-        self.drop_ranks()
         self.dirty = False
         self._state_json = state
         return fields
@@ -701,6 +718,8 @@ class Restorer:
         self._slots = gevent.lock.BoundedSemaphore(concurrency)
         self.concurrency = concurrency
         self._recorders: weakref.WeakValueDictionary[str, Recorder] = weakref.WeakValueDictionary()
+        #: Recorders a flush looks at (see Recorder.touched).
+        self._touched: set[Recorder] = set()
         self._deletes: list[str] = []
         self._flusher: gevent.Greenlet | None = None
         self._last_touch = 0.0
@@ -756,12 +775,19 @@ class Restorer:
         """Record ``session`` (just built by ``context``) from now on."""
         recorder = Recorder(session, self.key(context.url, session.id), self.max_bytes)
         recorder.app = context.app_fingerprint
+        recorder.wake = self._wake
         session.recorder = recorder
         self._recorders[recorder.key] = recorder
+        # The app script may have declared state already.
+        self._touched.add(recorder)
         if (self._flusher is None or self._flusher.dead) and not self._stopped:
             self._flusher = gevent.spawn(self._flush_loop)
             self._flusher.name = "docsync-restore-flush"
         return recorder
+
+    def _wake(self, recorder: Recorder) -> None:
+        # Through the attribute: a flush swaps the set for a new one.
+        self._touched.add(recorder)
 
     def forget(self, session: ServerSession) -> None:
         """The session was discarded for good: its saved data goes too.
@@ -772,6 +798,8 @@ class Restorer:
         if recorder is None:
             return
         session.recorder = None
+        recorder.wake = None
+        self._touched.discard(recorder)
         if self._recorders.get(recorder.key) is recorder:
             del self._recorders[recorder.key]
         self.figures["skipped_gone"] += recorder.skipped
@@ -791,18 +819,30 @@ class Restorer:
                     log.warning("Saving sessions for restore failed (%s: %s); retrying every %d ms",
                                 type(exc).__name__, exc, self.flush_ms)
 
-    def flush(self) -> int:
+    def flush(self, everyone: bool = False) -> int:
         """Write every session that changed since its last save; return how many.
 
-        A session whose write fails stays marked as changed for the next flush.
+        Only sessions whose document lock was released since the last flush
+        are looked at (their app code may have run), unless ``everyone``:
+        a graceful stop and the periodic refresh of TTLs look at all, for
+        state changed outside the lock. A session whose write fails stays
+        marked as changed for the next flush.
         """
+        now = time.monotonic()
+        touch = now - self._last_touch > self.ttl_ms / 3000.0
+        candidates, self._touched = self._touched, set()
+        if everyone or touch:
+            candidates.update(self._recorders.values())
         batch: list[tuple[Recorder, dict[str, str]]] = []
-        for recorder in list(self._recorders.values()):
+        for count, recorder in enumerate(candidates, 1):
+            if count % SNAPSHOTS_PER_YIELD == 0:
+                # Many sessions changed at once: let their messages in between.
+                gevent.sleep(0)
+            if recorder.wake is None:
+                continue  # forgotten meanwhile
             fields = recorder.snapshot()
             if fields is not None:
                 batch.append((recorder, fields))
-        now = time.monotonic()
-        touch = now - self._last_touch > self.ttl_ms / 3000.0
         deletes, self._deletes = self._deletes, []
         if not batch and not deletes and not touch:
             return 0
@@ -825,6 +865,7 @@ class Restorer:
             for recorder, _ in batch:
                 recorder.dirty = True
                 recorder._state_json = None
+                self._touched.add(recorder)
             self._deletes.extend(deletes)
             raise
         if touch:
@@ -845,7 +886,7 @@ class Restorer:
         self._stopped = True
         try:
             with gevent.Timeout(timeout):
-                count = self.flush()
+                count = self.flush(everyone=True)
             if count:
                 log.info("Saved %d session(s) for restore before closing their WebSockets", count)
         except BaseException as exc:  # gevent.Timeout is a BaseException

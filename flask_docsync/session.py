@@ -115,6 +115,10 @@ class _DocumentLock:
             session._lock_owner = None
             compat.restore_curdoc(self._curdoc)
             session._flush(pending)
+            recorder = session.recorder
+            if recorder is not None:
+                # App code ran: its restorable state may have changed.
+                recorder.touched()
         finally:
             session._lock.release()
             session.unblock_expiration()

@@ -134,6 +134,7 @@ def test_kill_9_of_the_owner_restores_the_session_on_a_live_worker(restore_serve
     server = restore_server(flush_ms=200)
     token, client, doc = open_page(server)
     owner = int(attrs(doc, "pid")["text"])
+    time.sleep(0.6)  # flushes before the user does anything: later changes must be saved by later ones
     use_the_app(client, doc)
     time.sleep(1.0)  # a few flush intervals: what kill -9 may lose is the last one only
     os.kill(owner, signal.SIGKILL)

@@ -579,3 +579,18 @@ def test_restoring_is_true_while_rebuilding_only(redis_data):
     assert one(restored.document, "seen").text == "built restoring=True; set restoring=True"
     patch(restored, changed(one(restored.document, "slider"), "value", 4))
     assert one(restored.document, "seen").text.endswith("; set restoring=False")
+
+
+def test_a_flush_looks_at_sessions_whose_app_code_ran_and_a_stop_at_all(redis_data):
+    restorer, context = make_worker(redis_data, app=structure_app)
+    session = new_session(context)
+    state = session.document.session_context._docsync_state
+    assert restorer.flush() == 1  # the state declared when the app ran
+    state["note"] = "outside the lock"  # e.g. from an offload() thread
+    assert restorer.flush() == 0, "nothing of this session ran under its lock"
+    restorer.save_all()
+    assert json.loads(redis_data[session.recorder.key][b"state"]) == {"note": "outside the lock"}
+    restorer.restart()
+    session.with_document_locked(lambda: state.update(note="in a callback"))
+    assert restorer.flush() == 1
+    assert json.loads(redis_data[session.recorder.key][b"state"]) == {"note": "in a callback"}
