@@ -83,6 +83,9 @@ class Server:
         self.ps: psutil.Process | None = None
         self.port = 0
         self.starts = 0
+        #: Environment variables for the server, set after the secret keys
+        #: of this process are dropped (a run may give its own).
+        self.env: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<{self.kind} pid={self.proc.pid if self.proc else None} port={self.port}>"
@@ -107,6 +110,7 @@ class Server:
         env.pop("BOKEH_SECRET_KEY", None)
         env.pop("DOCSYNC_SECRET_KEY", None)
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.env)
         self.proc = subprocess.Popen(
             self.command(), cwd=str(REPO), stdout=logfile, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, env=env,
