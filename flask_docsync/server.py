@@ -474,6 +474,16 @@ class DocSyncServer:
                 s["pid"], b["published"], b["received"], b["delivered"], b["subscriptions"],
                 b["handler_errors"], b["outbox"], b["waiting"], b["reader_seconds_since_alive"], b["lag_ms"],
             )
+        r = s["restore"]
+        if r is not None and (r["recorded_sessions"] or r["restored"] or r["saved"]):
+            stats_log.debug(
+                "[pid %d] restore: %d sessions recorded (%d bytes), %d saves (%d failed), %d restored,"
+                " %d fresh (mismatch %d, busy %d, Redis error %d, nothing saved %d), %d changes skipped",
+                s["pid"], r["recorded_sessions"], r["recorded_bytes"], r["saved"], r["save_errors"], r["restored"],
+                r["fresh_because_mismatch"] + r["fresh_because_busy"] + r["fresh_because_error"] + r["nothing_saved"],
+                r["fresh_because_mismatch"], r["fresh_because_busy"], r["fresh_because_error"], r["nothing_saved"],
+                r["skipped"],
+            )
 
     def _keepalive(self) -> None:
         for connection in list(self.connections):

@@ -594,3 +594,20 @@ def test_a_flush_looks_at_sessions_whose_app_code_ran_and_a_stop_at_all(redis_da
     session.with_document_locked(lambda: state.update(note="in a callback"))
     assert restorer.flush() == 1
     assert json.loads(redis_data[session.recorder.key][b"state"]) == {"note": "in a callback"}
+
+
+def test_the_server_stats_and_the_stats_log_show_restore(caplog):
+    from flask_docsync.config import Settings
+    from flask_docsync.server import DocSyncServer
+
+    server = DocSyncServer(Settings.load({"DOCSYNC_SECRET_KEY": SECRET, "DOCSYNC_REDIS_URL": "redis://localhost:1/0",
+                                          "DOCSYNC_RESTORE_SESSIONS": True}, {}))
+    server.add_app("/r", restore_app.full_app)
+    figures = server.stats()["restore"]
+    assert {"saved", "restored", "fresh_because_mismatch", "fresh_because_busy", "fresh_because_error",
+            "nothing_saved", "too_large", "skipped", "save_errors", "replayed", "waiting",
+            "restore_seconds"} <= set(figures)
+    server.restorer.figures["restored"] = 3
+    with caplog.at_level(logging.DEBUG, "flask_docsync.stats"):
+        server._log_stats()
+    assert "3 restored" in caplog.text
