@@ -30,8 +30,9 @@ first skeleton that differs, a rank that does not exist, a replayed change
 that raises, or a final skeleton that differs is abandoned: the session is
 made fresh, with one log line, and the figure of the reason is counted.
 
-**What is recorded, and what is not** (each skip is logged once per session
-and reason, and counted as ``skipped``):
+**What is recorded, and what is not** (a skip is logged at INFO the first
+time a session of the app meets its reason, at DEBUG once per later session,
+and counted as ``skipped``):
 
 - ``ModelChanged`` of a property to a plain value, or to a reference to a
   model that exists: recorded (sliders, selects, text inputs, ranges of a
@@ -275,6 +276,10 @@ class Recorder:
         self._skipped: set[str] = set()
         self.skipped = 0
         self._state_json: str | None = None
+        #: The app's route, and the (route, reason) pairs already logged at
+        #: INFO by any session of this process (``None``: log every session's).
+        self.route = ""
+        self.logged: set[tuple[str, str]] | None = None
         #: ``wake(recorder)``: tells the restorer this session may have
         #: something to save (see :meth:`touched`); ``None`` tells nobody.
         self.wake: Any = None
@@ -430,11 +435,22 @@ class Recorder:
 
     def _skip(self, reason: str) -> None:
         self.skipped += 1
-        if reason not in self._skipped:
-            self._skipped.add(reason)
-            session = self.session
-            log.info("Session %s: %s cannot be restored after a worker dies; not saved",
-                     session.id if session is not None else "?", reason)
+        if reason in self._skipped:
+            return
+        self._skipped.add(reason)
+        session = self.session
+        session_id = session.id if session is not None else "?"
+        logged = self.logged
+        if logged is not None and (self.route, reason) in logged:
+            # Said at INFO for the app's first session already: every session
+            # of a page with a button would repeat it.
+            log.debug("Session %s: %s cannot be restored after a worker dies; not saved", session_id, reason)
+            return
+        if logged is not None:
+            if len(logged) < 1000:  # bounded: reasons name event kinds, and clients choose those
+                logged.add((self.route, reason))
+        log.info("Session %s: %s cannot be restored after a worker dies; not saved (later sessions of %s:"
+                 " at DEBUG)", session_id, reason, self.route)
 
     # -- the app's state ------------------------------------------------------
 
@@ -720,6 +736,7 @@ class Restorer:
         self._recorders: weakref.WeakValueDictionary[str, Recorder] = weakref.WeakValueDictionary()
         #: Recorders a flush looks at (see Recorder.touched).
         self._touched: set[Recorder] = set()
+        self._logged_skips: set[tuple[str, str]] = set()
         self._deletes: list[str] = []
         self._flusher: gevent.Greenlet | None = None
         self._last_touch = 0.0
@@ -775,6 +792,8 @@ class Restorer:
         """Record ``session`` (just built by ``context``) from now on."""
         recorder = Recorder(session, self.key(context.url, session.id), self.max_bytes)
         recorder.app = context.app_fingerprint
+        recorder.route = context.url
+        recorder.logged = self._logged_skips
         recorder.wake = self._wake
         session.recorder = recorder
         self._recorders[recorder.key] = recorder

@@ -611,3 +611,14 @@ def test_the_server_stats_and_the_stats_log_show_restore(caplog):
     with caplog.at_level(logging.DEBUG, "flask_docsync.stats"):
         server._log_stats()
     assert "3 restored" in caplog.text
+
+
+def test_a_skip_is_logged_at_info_for_the_apps_first_session_only(redis_data, caplog):
+    restorer, context = make_worker(redis_data)
+    with caplog.at_level(logging.DEBUG, "flask_docsync.restore"):
+        for n in range(3):
+            session = new_session(context, f"s{n}")
+            patch(session, click(one(session.document, "button")))
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if "cannot be restored" in r.getMessage()]
+    assert [level for level, _ in lines] == ["INFO", "DEBUG", "DEBUG"], lines
+    assert restorer.stats()["skipped"] == 3
