@@ -690,6 +690,7 @@ class Saved:
             # again, and writes it at the next flush).
             recorder.saved = True
             recorder.dirty = True
+            recorder.touched()
         return count
 
 
