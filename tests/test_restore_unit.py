@@ -622,3 +622,28 @@ def test_a_skip_is_logged_at_info_for_the_apps_first_session_only(redis_data, ca
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if "cannot be restored" in r.getMessage()]
     assert [level for level, _ in lines] == ["INFO", "DEBUG", "DEBUG"], lines
     assert restorer.stats()["skipped"] == 3
+
+
+def _built_later_app(doc):
+    from bokeh.models import Slider
+
+    def build():
+        doc.add_root(Slider(start=0, end=10, value=1, name="slider"))
+
+    doc.add_next_tick_callback(build)
+
+
+def test_an_app_that_builds_its_document_in_a_next_tick_callback_restores_fresh(redis_data, caplog):
+    import gevent
+
+    restorer, context = make_worker(redis_data, app=_built_later_app)
+    session = new_session(context)
+    gevent.sleep(0.05)  # the next-tick callback builds the document
+    patch(session, changed(one(session.document, "slider"), "value", 7))
+    restorer.flush()
+    restorer2, context2 = make_worker(redis_data, app=_built_later_app)
+    with caplog.at_level(logging.WARNING, "flask_docsync.restore"):
+        fresh = restore_on(context2, restorer2)
+    gevent.sleep(0.05)
+    assert one(fresh.document, "slider").value == 1
+    assert restorer2.figures["fresh_because_mismatch"] == 1 and "cannot be restored faithfully" in caplog.text
