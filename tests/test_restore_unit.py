@@ -647,3 +647,19 @@ def test_an_app_that_builds_its_document_in_a_next_tick_callback_restores_fresh(
     gevent.sleep(0.05)
     assert one(fresh.document, "slider").value == 1
     assert restorer2.figures["fresh_because_mismatch"] == 1 and "cannot be restored faithfully" in caplog.text
+
+
+def test_what_the_server_changed_by_itself_and_the_last_interval_do_not_come_back(redis_data):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    patch(session, changed(one(session.document, "slider"), "value", 42))
+    # A periodic callback, say: not an answer to the browser.
+    session.with_document_locked(lambda: setattr(one(session.document, "derived"), "text", "by the server"))
+    restorer.flush()
+    patch(session, changed(one(session.document, "select"), "value", "scatter"))  # after the last flush
+    # ... kill -9 here: no flush.
+    restorer2, context2 = make_worker(redis_data)
+    doc = restore_on(context2, restorer2).document
+    assert one(doc, "slider").value == 42
+    assert one(doc, "derived").text == "double: 84", "derived again by the replayed slider, not the server's own text"
+    assert one(doc, "select").value == "line", "the change after the last flush is lost"
