@@ -74,7 +74,7 @@ from .errors import ConfigurationError
 if TYPE_CHECKING:
     from bokeh.document import Document
 
-    from .context import ApplicationContext, SessionContext
+    from .context import ApplicationContext
     from .session import ServerSession
 
 log = logging.getLogger(__name__)

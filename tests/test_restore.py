@@ -11,12 +11,10 @@ that has all of it back.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -54,10 +52,6 @@ class RestoreServer:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.05)
-
-    def restore_stats(self) -> dict:
-        with urllib.request.urlopen(self.server.url + "/restore-stats", timeout=10) as r:
-            return json.loads(r.read())
 
 
 @pytest.fixture
