@@ -663,3 +663,70 @@ def test_what_the_server_changed_by_itself_and_the_last_interval_do_not_come_bac
     assert one(doc, "slider").value == 42
     assert one(doc, "derived").text == "double: 84", "derived again by the replayed slider, not the server's own text"
     assert one(doc, "select").value == "line", "the change after the last flush is lost"
+
+
+def test_roots_the_browser_removes_are_not_saved_and_the_restore_is_fresh(redis_data, caplog):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    with caplog.at_level(logging.INFO, "flask_docsync.restore"):
+        patch(session, {"kind": "RootRemoved", "model": {"id": one(session.document, "layout").id}})
+    assert "RootRemoved from the browser" in caplog.text
+    patch(session, {"kind": "TitleChanged", "title": "t"})  # something saved, with the new skeleton
+    restorer.flush()
+    restorer2, context2 = make_worker(redis_data)
+    fresh = restore_on(context2, restorer2)
+    assert one(fresh.document, "layout") is not None and restorer2.figures["fresh_because_mismatch"] == 1
+
+
+def test_a_structure_the_server_changes_by_itself_restores_fresh(redis_data):
+    from bokeh.models import Div
+
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    patch(session, changed(one(session.document, "slider"), "value", 42))
+    # A periodic callback adding a model, say.
+    session.with_document_locked(lambda: one(session.document, "layout").children.append(Div(text="new")))
+    restorer.flush()
+    restorer2, context2 = make_worker(redis_data)
+    fresh = restore_on(context2, restorer2)
+    assert one(fresh.document, "slider").value == 1 and restorer2.figures["fresh_because_mismatch"] == 1
+
+
+def test_a_pushed_document_is_not_recorded_and_restores_fresh(redis_data):
+    from bokeh.document import Document
+    from bokeh.models import Div
+
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    patch(session, changed(one(session.document, "slider"), "value", 42))
+    pushed = Document()
+    pushed.add_root(Div(text="pushed"))
+    session.handle_push(protocol.create("PUSH-DOC", pushed), Browser())
+    restorer.flush()
+    restorer2, context2 = make_worker(redis_data)
+    fresh = restore_on(context2, restorer2)
+    assert one(fresh.document, "slider").value == 1 and restorer2.figures["fresh_because_mismatch"] == 1
+
+
+def test_on_session_created_runs_again_for_a_restored_session(redis_data):
+    from bokeh.application.handlers.lifecycle import LifecycleHandler
+
+    created = []
+
+    def make(restorer_data):
+        restorer = Restorer("redis://unused", flush_ms=10_000,
+                            client_factory=lambda url, timeout: FakeRedis(restorer_data))
+        hooks = LifecycleHandler()
+        hooks._on_session_created = lambda session_context: created.append(session_context.id)
+        context = ApplicationContext(Application(FunctionHandler(restore_app.full_app), hooks), "/r")
+        context.restorer = restorer
+        _workers.append((restorer, context))
+        return restorer, context
+
+    restorer, context = make(redis_data)
+    session = new_session(context)
+    patch(session, changed(one(session.document, "slider"), "value", 42))
+    restorer.flush()
+    restorer2, context2 = make(redis_data)
+    restore_on(context2, restorer2)
+    assert created == [session.id, session.id]
