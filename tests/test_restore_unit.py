@@ -730,3 +730,10 @@ def test_on_session_created_runs_again_for_a_restored_session(redis_data):
     restorer2, context2 = make(redis_data)
     restore_on(context2, restorer2)
     assert created == [session.id, session.id]
+
+
+def test_random_model_ids_are_warned_about(monkeypatch, caplog):
+    monkeypatch.setenv("BOKEH_SIMPLE_IDS", "no")
+    with caplog.at_level(logging.WARNING, "flask_docsync.restore"):
+        Restorer("redis://unused", client_factory=lambda url, timeout: FakeRedis({}))
+    assert "BOKEH_SIMPLE_IDS is off" in caplog.text
