@@ -1,10 +1,9 @@
 """End to end: headless Chromium, `gunicorn -k gevent -w 2`, a real Redis; the session's worker is killed.
 
-The user (through BokehJS's own models, which sync to the server as the
-widgets do) picks another plot type in a select (the server rebuilds the
-figure), zooms the new figure, moves a slider (the server derives a text),
-edits a table cell (``source.patch``, what the DataTable's editor calls) and
-clicks a button twice (the app counts clicks in its ``restorable`` state).
+The user picks another plot type in the select (the server rebuilds the
+figure), zooms the new figure and moves a slider (through BokehJS's models,
+which sync to the server as the widgets do; the server derives a text),
+edits a table cell with the table's own editor, and clicks a button twice (the app counts clicks in its ``restorable`` state).
 Then the worker holding the session gets ``kill -9``; BokehJS reconnects by
 itself with the same token, a live worker restores the session from Redis,
 and BokehJS replaces its document with the restored one: the page shows the
@@ -41,7 +40,7 @@ READ_STATE = """() => {
     pid: m('pid').text, slider: m('slider').value, derived: m('derived').text, select: m('select').value,
     title: m('layout').children[3].title.text,
     zoom: [m('layout').children[3].x_range.start, m('layout').children[3].x_range.end], clicks: m('clicks').text,
-    score: Array.from(m('source').data.get ? m('source').data.get('score') : m('source').data.score),
+    score: Array.from(m('source').data.score),
   };
 }"""
 
@@ -90,14 +89,19 @@ def test_the_page_comes_back_with_what_the_user_set(server, page):
                            " && Bokeh.documents[0].get_model_by_name('pid') != null", timeout=TIMEOUT_MS)
     owner = int(page.evaluate(READ_STATE)["pid"])
 
-    js(page, "m('select').value = 'scatter'")
+    page.locator("select").select_option("scatter")  # the widget itself
     # The old figure may linger in BokehJS's index of models: go through the layout.
     page.wait_for_function(
         "() => Bokeh.documents[0].get_model_by_name('layout').children[3].title.text === 'scatter'")
     js(page, "m('layout').children[3].x_range.setv({start: 2.5, end: 7.25})")
     js(page, "m('slider').value = 42")
     page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('derived').text === 'double: 84'")
-    js(page, "m('source').patch({score: [[1, 99]]})")
+    # The table's own cell editor: double-click the second row's score, type, Enter.
+    page.locator(".slick-row").nth(1).locator(".slick-cell").nth(2).dblclick()
+    editor = page.locator(".slick-cell input").first
+    editor.fill("99")
+    editor.press("Enter")
+    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('source').data.score[1] === 99")
     for _ in range(2):
         page.locator("button", has_text="click").click()
     page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('clicks').text === 'clicks: 2'")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from bokeh.layouts import column
-from bokeh.models import Button, ColumnDataSource, DataTable, Div, Range1d, Select, Slider, TableColumn
+from bokeh.models import Button, ColumnDataSource, DataTable, Div, IntEditor, Range1d, Select, Slider, TableColumn
 from bokeh.plotting import figure
 
 from flask_docsync import restorable
@@ -38,7 +38,7 @@ def full_app(doc):
     derived = Div(text="double: 2", name="derived")
     select = Select(options=["line", "scatter"], value="line", name="select")
     source = ColumnDataSource(data={"name": ["a", "b", "c"], "score": [1, 2, 3]}, name="source")
-    table = DataTable(source=source, columns=[TableColumn(field="name"), TableColumn(field="score")],
+    table = DataTable(source=source, columns=[TableColumn(field="name"), TableColumn(field="score", editor=IntEditor())],
                       editable=True, name="table")
     clicks = Div(text=f"clicks: {state['clicks']}", name="clicks")
     pid = Div(text=str(os.getpid()), name="pid")
