@@ -737,3 +737,25 @@ def test_random_model_ids_are_warned_about(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, "flask_docsync.restore"):
         Restorer("redis://unused", client_factory=lambda url, timeout: FakeRedis({}))
     assert "BOKEH_SIMPLE_IDS is off" in caplog.text
+
+
+def _counting_app(doc):
+    from bokeh.models import Div, Slider
+
+    moves = Div(text="0", name="moves")
+    slider = Slider(start=0, end=10, value=1, name="slider")
+    slider.on_change("value", lambda attr, old, new: setattr(moves, "text", str(int(moves.text) + 1)))
+    doc.add_root(slider)
+    doc.add_root(moves)
+
+
+def test_a_callback_sees_only_the_latest_value_of_each_property_on_replay(redis_data):
+    restorer, context = make_worker(redis_data, app=_counting_app)
+    session = new_session(context)
+    for value in (2, 3, 4):
+        patch(session, changed(one(session.document, "slider"), "value", value))
+    assert one(session.document, "moves").text == "3"
+    restorer.flush()
+    restorer2, context2 = make_worker(redis_data, app=_counting_app)
+    doc = restore_on(context2, restorer2).document
+    assert (one(doc, "slider").value, one(doc, "moves").text) == (4, "1")
