@@ -572,6 +572,21 @@ def replay(session: ServerSession, changes: list[Any]) -> int:
     return count
 
 
+def _flush_loop(ref: weakref.ReferenceType[Restorer], interval: float) -> None:
+    """Flush every ``interval`` seconds while the restorer exists and runs.
+
+    Holds it weakly between passes, as the server's own loops do, so that a
+    server dropped without ``stop()`` is freed and this greenlet ends.
+    """
+    while True:
+        gevent.sleep(interval)
+        restorer = ref()
+        if restorer is None or restorer._stopped:
+            return
+        restorer._flush_once()
+        del restorer
+
+
 # -- the app's API ----------------------------------------------------------------
 
 
@@ -801,7 +816,7 @@ class Restorer:
         # The app script may have declared state already.
         self._touched.add(recorder)
         if (self._flusher is None or self._flusher.dead) and not self._stopped:
-            self._flusher = gevent.spawn(self._flush_loop)
+            self._flusher = gevent.spawn(_flush_loop, weakref.ref(self), self.flush_ms / 1000.0)
             self._flusher.name = "docsync-restore-flush"
         return recorder
 
@@ -826,18 +841,16 @@ class Restorer:
         if recorder.saved and not self._stopped:
             self._deletes.append(recorder.key)
 
-    def _flush_loop(self) -> None:
-        while not self._stopped:
-            gevent.sleep(self.flush_ms / 1000.0)
-            try:
-                self.flush()
-            except Exception as exc:
-                self.figures["save_errors"] += 1
-                now = time.monotonic()
-                if now - self._error_logged_at > 30:
-                    self._error_logged_at = now
-                    log.warning("Saving sessions for restore failed (%s: %s); retrying every %d ms",
-                                type(exc).__name__, exc, self.flush_ms)
+    def _flush_once(self) -> None:
+        try:
+            self.flush()
+        except Exception as exc:
+            self.figures["save_errors"] += 1
+            now = time.monotonic()
+            if now - self._error_logged_at > 30:
+                self._error_logged_at = now
+                log.warning("Saving sessions for restore failed (%s: %s); retrying every %d ms",
+                            type(exc).__name__, exc, self.flush_ms)
 
     def flush(self, everyone: bool = False) -> int:
         """Write every session that changed since its last save; return how many.
