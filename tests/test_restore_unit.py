@@ -759,3 +759,23 @@ def test_a_callback_sees_only_the_latest_value_of_each_property_on_replay(redis_
     restorer2, context2 = make_worker(redis_data, app=_counting_app)
     doc = restore_on(context2, restorer2).document
     assert (one(doc, "slider").value, one(doc, "moves").text) == (4, "1")
+
+
+def test_a_dropped_restorer_is_freed_and_its_flusher_ends():
+    import gc
+    import weakref
+
+    import gevent
+
+    restorer = Restorer("redis://unused", flush_ms=10, client_factory=lambda url, timeout: FakeRedis({}))
+    context = ApplicationContext(Application(FunctionHandler(restore_app.full_app)), "/r")
+    context.restorer = restorer
+    session = new_session(context)
+    flusher = restorer._flusher
+    assert flusher is not None and not flusher.dead
+    context.destroy_all(force=True)
+    ref = weakref.ref(restorer)
+    del restorer, context, session
+    gc.collect()
+    gevent.sleep(0.05)
+    assert ref() is None and flusher.dead
