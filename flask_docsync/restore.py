@@ -49,6 +49,17 @@ and counted as ``skipped``):
   in :func:`restorable` state. ``document_ready`` is re-sent by the browser
   itself and dropped silently.
 
+**Stored** as one Redis hash per session, ``<prefix>:restore:<route>:<session
+id>``: ``meta`` (JSON: format, app fingerprint, both skeletons), ``changes``
+(JSON: ``[key, message number, value]`` in the order of their last change)
+and ``state`` (the app's JSON). Its TTL is the unused-session lifetime plus a
+cleanup pass plus :data:`RECONNECT_GRACE_MS`, refreshed while the session
+lives; a session discarded as unused deletes it (its browser has gone), a
+graceful stop keeps it. Only sessions whose document lock was released since
+the last flush are looked at, so an idle flush costs nothing. The saved data
+is capped per session (``DOCSYNC_RESTORE_MAX_BYTES``), and restores take
+turns (``DOCSYNC_RESTORE_CONCURRENCY``).
+
 This module imports no Flask and no WebSocket code.
 """
 
@@ -681,7 +692,8 @@ class Saved:
             raise NotFaithful("the app's source changed since the session was saved")
 
     def rebuild(self, session: ServerSession) -> int:
-        """Check the built document, replay, check again (under the lock).
+        """Check the document the app built, replay the changes (under the
+        document lock), and check the result against the saved skeleton.
 
         :raises NotFaithful: with the reason.
         """
