@@ -20,7 +20,9 @@ sorted by id its models come in creation order. A recorded change names its
 model by its rank in the document's live models *just before the message
 that carried it was applied*, and a replay resolves the rank at the same
 point; a callback that rebuilds a figure removes and adds models the same
-way on both sides, so later changes land on the same models.
+way on both sides, so later changes land on the same models. A newer value
+replaces an older one only within an *epoch*, between two messages that
+changed the set of models, so that no change moves across a rebuild.
 
 **Never half-restored.** The saved data carries a fingerprint of the app
 (a hash of its script or function source) and two skeletons (the model types
@@ -253,9 +255,10 @@ class Recorder:
     """What the browser changed in one session, and the app's declared state.
 
     Entries are kept in the order of their last change, under keys that make
-    a newer value replace an older one: ``("set", rank, attr)``,
-    ``("cell", rank, column, row)``, ``("patch", n)`` (a patch with slices,
-    kept whole), ``("title",)``. Each entry remembers the *group* (the
+    a newer value replace an older one of the same epoch (see :meth:`commit`):
+    ``(epoch, "set", rank, attr)``, ``(epoch, "cell", rank, attr, column,
+    row)``, ``(epoch, "patch", rank, attr, n)`` (a patch with slices, kept
+    whole), ``(epoch, "title")``. Each entry remembers the *group* (the
     message) it came from, since ranks are resolved once per message.
 
     :param session: The session recorded; held weakly.
@@ -273,6 +276,9 @@ class Recorder:
         self.entries: collections.OrderedDict[tuple[Any, ...], tuple[int, Any, int]] = collections.OrderedDict()
         self.bytes = 0
         self.group = 0
+        #: Incremented when a recorded message changed the set of models (see commit).
+        self.epoch = 0
+        self._before: dict[str, Any] | None = None
         self._patches = 0
         self._ranks: Ranks | None = None
         #: Whether there is something not yet written to Redis.
@@ -319,6 +325,8 @@ class Recorder:
         events = content.get("events")
         if not isinstance(events, list):
             return None
+        # Compared in commit(): did applying this message change the models?
+        self._before = compat.model_table(doc)
         out: list[tuple[tuple[Any, ...], Any, int]] = []
         rank: Mapping[str, int] | None = None
         for event in events:
@@ -398,21 +406,38 @@ class Recorder:
             out.append((("patch", n, attr, self._patches), whole, _size(whole) + 24))
         return out
 
-    def commit(self, entries: list[tuple[tuple[Any, ...], Any, int]]) -> None:
-        """Keep entries from :meth:`prepare`: the patch they came from was applied."""
+    def commit(self, entries: list[tuple[tuple[Any, ...], Any, int]], doc: Document) -> None:
+        """Keep entries from :meth:`prepare`: the patch they came from was applied to ``doc``.
+
+        A newer value replaces an older one of the same key only within an
+        *epoch*: the stretch between two messages whose callbacks changed
+        the set of models (a select that rebuilds a figure). Across one, the
+        older entries stay where they are, so the replay goes through the
+        same structures in the same order (select, zoom of the figure it
+        built, select again, zoom of the next one), and ranks keep naming
+        the models they named.
+        """
         self.group += 1
         group = self.group
+        epoch = self.epoch
         table = self.entries
         for key, value, size in entries:
             if key[0] == "set" and key[2] == "data":
                 # A new data set wholesale: earlier patches of it are moot.
-                for old in [k for k in table if k[0] in ("cell", "patch") and k[1] == key[1]]:
+                for old in [k for k in table if k[0] == epoch and k[1] in ("cell", "patch") and k[2] == key[1]]:
                     self.bytes -= table.pop(old)[2]
-            old = table.pop(key, None)
+            full = (epoch, *key)
+            old = table.pop(full, None)
             if old is not None:
                 self.bytes -= old[2]
-            table[key] = (group, value, size)
+            table[full] = (group, value, size)
             self.bytes += size
+        before, self._before = self._before, None
+        after = compat.model_table(doc)
+        # Bokeh makes a new table whenever it recomputes, also for the same
+        # models; only another set of models starts an epoch.
+        if before is not None and after is not before and after.keys() != before.keys():
+            self.epoch += 1
         self.dirty = True
         if self.bytes > self.max_bytes:
             self.overflow()
@@ -500,7 +525,7 @@ class Recorder:
         if self.overflowed:
             fields = {"meta": json.dumps({"format": FORMAT, "overflowed": True})}
         else:
-            changes = [[list(key), group, value] for key, (group, value, _) in self.entries.items()]
+            changes = [[list(key[1:]), group, value] for key, (group, value, _) in self.entries.items()]
             fields = {
                 "meta": json.dumps({
                     "format": FORMAT, "app": self.app, "first": self.first_skeleton,
@@ -561,7 +586,7 @@ def replay(session: ServerSession, changes: list[Any]) -> int:
         except Exception as exc:
             raise NotFaithful(f"a saved change did not apply again ({type(exc).__name__}: {exc})") from exc
         if pending is not None and recorder is not None:
-            recorder.commit(pending)
+            recorder.commit(pending, doc)
 
     with session.locked(), compat.curdoc_as(doc):
         ids: list[str] = []

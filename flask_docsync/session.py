@@ -420,7 +420,7 @@ class ServerSession:
             finally:
                 self._current_patch_connection = None
             if recorded is not None:
-                recorder.commit(recorded)
+                recorder.commit(recorded, self._document)
         return ok_frames(message.header["msgid"])
 
     def notify_connection_lost(self) -> None:
