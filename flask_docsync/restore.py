@@ -25,12 +25,14 @@ replaces an older one only within an *epoch*, between two messages that
 changed the set of models, so that no change moves across a rebuild.
 
 **Never half-restored.** The saved data carries a fingerprint of the app
-(a hash of its script or function source) and two skeletons (the model types
+(a hash of its script or function source), two skeletons (the model types
 in creation order, hashed): the document as the app first built it, and as
-it was at the last save. A restore that finds another app fingerprint, a
-first skeleton that differs, a rank that does not exist, a replayed change
-that raises, or a final skeleton that differs is abandoned: the session is
-made fresh, with one log line, and the figure of the reason is counted.
+it was at the last save, and a hash of the values the browser set since the
+last rebuild as the document held them at the save. A restore that finds
+another app fingerprint, a first skeleton that differs, a rank that does not
+exist, a replayed change that raises, a final skeleton or values that differ
+is abandoned: the session is made fresh, with one log line, and the figure
+of the reason is counted.
 
 **What is recorded, and what is not** (a skip is logged at INFO the first
 time a session of the app meets its reason, at DEBUG once per later session,
@@ -488,6 +490,34 @@ class Recorder:
         log.info("Session %s: %s cannot be restored after a worker dies; not saved (later sessions of %s:"
                  " at DEBUG)", session_id, reason, self.route)
 
+    def values_check(self, doc: Document) -> str:
+        """A hash of the current values of the plain properties the browser
+        set since the last rebuild (the current epoch, where ranks name the
+        models they named when recorded).
+
+        Saved with the data and compared after a replay: the skeleton tells
+        the same types in the same order, this that the replayed values
+        landed where they were set, and that the callbacks made of them what
+        they had (a clamped value, a property one derives from another).
+        """
+        ranks = self.ranks(doc)
+        epoch = self.epoch
+        seen = []
+        for key in self.entries:
+            if key[0] != epoch or key[1] != "set":
+                continue
+            n, attr = key[2], key[3]
+            if not 0 <= n < len(ranks.ids):
+                seen.append([n, attr, "missing"])
+                continue
+            value = getattr(ranks.models[ranks.ids[n]], attr, None)
+            if isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value):
+                value = list(value)
+            elif not isinstance(value, _PLAIN):
+                continue  # models, data columns: the skeleton and the replay itself check those
+            seen.append([n, attr, value])
+        return hashlib.sha1(json.dumps(seen, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
     # -- the app's state ------------------------------------------------------
 
     def state_json(self) -> str | None:
@@ -530,6 +560,7 @@ class Recorder:
                 "meta": json.dumps({
                     "format": FORMAT, "app": self.app, "first": self.first_skeleton,
                     "last": self.ranks(session.document).skeleton(),
+                    "values": self.values_check(session.document),
                 }),
                 "changes": json.dumps(changes, separators=(",", ":")),
                 "state": state if state is not None else "null",
@@ -734,6 +765,9 @@ class Saved:
             if last != self.meta.get("last"):
                 raise NotFaithful(f"the replayed document differs from the saved one (skeleton {last},"
                                   f" saved {self.meta.get('last')})")
+            if recorder is not None and recorder.values_check(session.document) != self.meta.get("values"):
+                raise NotFaithful("the replayed values differ from the saved ones (the app's callbacks"
+                                  " made something else of them, or they landed on other models)")
         finally:
             if recorder is not None:
                 recorder.paused = False

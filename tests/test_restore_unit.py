@@ -802,3 +802,41 @@ def test_changes_around_two_rebuilds_replay_through_both(redis_data):
     plot = one(restored, "layout").children[3]
     assert (one(restored, "select").value, plot.title.text, plot.x_range.start) == ("line", "line", 3.5)
     assert restorer2.figures["restored"] == 1 and restorer2.figures["fresh_because_mismatch"] == 0
+
+
+#: The clamping app's limit; tests change it between "workers".
+LIMIT = [10]
+
+
+def _clamping_app(doc):
+    from bokeh.models import Slider
+
+    slider = Slider(start=0, end=100, value=1, name="slider")
+
+    def clamp(attr, old, new):
+        if new > LIMIT[0]:
+            slider.value = LIMIT[0]
+
+    slider.on_change("value", clamp)
+    doc.add_root(slider)
+
+
+def test_replayed_values_that_come_out_otherwise_give_a_fresh_session(redis_data, caplog):
+    LIMIT[0] = 10
+    restorer, context = make_worker(redis_data, app=_clamping_app)
+    session = new_session(context)
+    patch(session, changed(one(session.document, "slider"), "value", 42))
+    assert one(session.document, "slider").value == 10
+    restorer.flush()
+    restorer2, context2 = make_worker(redis_data, app=_clamping_app)
+    assert one(restore_on(context2, restorer2, ).document, "slider").value == 10, "same limit: restored"
+    assert restorer2.figures["restored"] == 1
+    LIMIT[0] = 50  # same source and structure, another outcome
+    try:
+        restorer3, context3 = make_worker(redis_data, app=_clamping_app)
+        with caplog.at_level(logging.WARNING, "flask_docsync.restore"):
+            fresh = restore_on(context3, restorer3)
+    finally:
+        LIMIT[0] = 10
+    assert one(fresh.document, "slider").value == 1 and restorer3.figures["fresh_because_mismatch"] == 1
+    assert "replayed values differ" in caplog.text
