@@ -840,3 +840,15 @@ def test_replayed_values_that_come_out_otherwise_give_a_fresh_session(redis_data
         LIMIT[0] = 10
     assert one(fresh.document, "slider").value == 1 and restorer3.figures["fresh_because_mismatch"] == 1
     assert "replayed values differ" in caplog.text
+
+
+def test_a_value_the_server_changed_after_the_browser_set_it_restores_fresh(redis_data):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    patch(session, changed(one(session.document, "slider"), "value", 42))
+    # A periodic callback moving the slider, say.
+    session.with_document_locked(lambda: setattr(one(session.document, "slider"), "value", 7))
+    restorer.flush()
+    restorer2, context2 = make_worker(redis_data)
+    fresh = restore_on(context2, restorer2)
+    assert one(fresh.document, "slider").value == 1 and restorer2.figures["fresh_because_mismatch"] == 1
