@@ -85,6 +85,9 @@ class Server:
         self.ps: psutil.Process | None = None
         self.port = 0
         self.starts = 0
+        #: Environment variables for the server, set after the secret keys
+        #: of this process are dropped (a run may give its own).
+        self.env: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<{self.kind} pid={self.proc.pid if self.proc else None} port={self.port}>"

@@ -634,6 +634,9 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="also write all figures to this JSON file")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="attach py-spy to the server for the window; raw stacks in DIR, top functions printed")
+    parser.add_argument("--restore-redis", default=None, metavar="URL",
+                        help="flask-docsync only: save sessions for restore in this Redis (--restore-sessions,"
+                             " signed session ids), to compare CPU per message with restore off")
     parser.add_argument("--log-level", default="warning", help="the server's --log-level (default warning)")
     parser.add_argument("--logs", default=None, help="keep the server's log in this directory")
     args = parser.parse_args()
@@ -669,10 +672,18 @@ def main() -> int:
     logdir_ctx = tempfile.TemporaryDirectory(prefix="docsync-load-") if args.logs is None else None
     logdir = Path(args.logs) if args.logs else Path(logdir_ctx.name)  # type: ignore[union-attr]
     logdir.mkdir(parents=True, exist_ok=True)
-    server = LoadServer(args.server, logdir, args.log_level)
+    extra = []
+    if args.restore_redis:
+        if args.server != "docsync":
+            parser.error("--restore-redis is for --server docsync")
+        extra = ["--session-ids", "signed", "--redis-url", args.restore_redis, "--restore-sessions"]
+    server = LoadServer(args.server, logdir, args.log_level, extra=extra)
+    if args.restore_redis:
+        server.env["BOKEH_SECRET_KEY"] = "bench-restore-secret-" + "x" * 32
     atexit.register(server.stop, 3.0)
     out: dict[str, Any] = {
-        "server": args.server, "sessions": args.sessions, "seconds": args.seconds, "warmup": args.warmup,
+        "server": args.server, "restore": bool(args.restore_redis), "sessions": args.sessions,
+        "seconds": args.seconds, "warmup": args.warmup,
         "period": args.period, "machine": machine,
     }
     t_start = time.monotonic()

@@ -24,7 +24,7 @@ _ERRORS = (
     "UnknownApplication",
 )
 
-__all__ = [*_ERRORS, "DocSync", "__version__", "broadcast", "offload", "subscribe"]
+__all__ = [*_ERRORS, "DocSync", "__version__", "broadcast", "offload", "restorable", "restoring", "subscribe"]
 
 if TYPE_CHECKING:
     from .errors import (
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from .extension import DocSync
     from .monitor import offload
     from .pubsub import broadcast, subscribe
+    from .restore import restorable, restoring
 
 
 def __getattr__(name: str) -> Any:
@@ -59,6 +60,10 @@ def __getattr__(name: str) -> Any:
         from . import pubsub
 
         return getattr(pubsub, name)
+    if name in ("restorable", "restoring"):
+        from . import restore
+
+        return getattr(restore, name)
     if name in _ERRORS:
         from . import errors
 

@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise-url", default=None, metavar="URL",
                    help="Where the other hosts reach this one directly (DOCSYNC_ADVERTISE_URL), such as"
                         " http://10.0.0.5:5006; with --redis-url the default is this server's address and port.")
+    p.add_argument("--restore-sessions", action="store_true", default=None,
+                   help="Save each session in Redis and rebuild it on a live worker when its own dies"
+                        " (DOCSYNC_RESTORE_SESSIONS; needs --redis-url and signed session ids).")
+    p.add_argument("--restore-flush", type=_ms, default=None, metavar="MILLISECONDS",
+                   help="How often changed sessions are saved: what a kill -9 loses at most (default 300).")
+    p.add_argument("--restore-concurrency", type=int, default=None, metavar="N",
+                   help="Restores at once per worker; the rest wait (default 2).")
+    p.add_argument("--restore-max-bytes", type=int, default=None, metavar="BYTES",
+                   help="Largest saved data of one session (default 256 KiB).")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="Log level (default info).")
     p.add_argument("--log-format", default=DEFAULT_LOG_FORMAT, help="Python logging format.")
     p.add_argument("--log-file", default=None, help="Write logs to this file.")
@@ -172,6 +181,10 @@ def create_app(options: argparse.Namespace, port: int | None = None) -> Any:
         ("exclude_cookies", "exclude_cookies"),
         ("redis_url", "redis_url"),
         ("advertise_url", "advertise_url"),
+        ("restore_sessions", "restore_sessions"),
+        ("restore_flush", "restore_flush_ms"),
+        ("restore_concurrency", "restore_concurrency"),
+        ("restore_max_bytes", "restore_max_bytes"),
     ):
         value = getattr(options, flag)
         if value is not None:

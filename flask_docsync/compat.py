@@ -191,6 +191,17 @@ def _drop_modules(doc: Any) -> None:
     manager._modules = []
 
 
+def model_table(doc: Any) -> dict[str, Any]:
+    """The document's ``{id: model}`` dict of live models (Bokeh's private
+    ``DocumentModelManager._models``).
+
+    Bokeh builds a new dict whenever it recomputes the set of models, so its
+    identity tells :mod:`flask_docsync.restore` when a table of ranks made
+    from it is stale, without sorting the models again for every message.
+    """
+    return doc.models._models  # type: ignore[no-any-return]
+
+
 def set_session_context(doc: Any, context: Any) -> None:
     """Make ``context`` the document's ``session_context`` (``None`` detaches it).
 

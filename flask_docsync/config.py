@@ -34,6 +34,9 @@ DEFAULT_OUTBOUND_QUEUE_SIZE = 1024
 DEFAULT_OUTBOUND_QUEUE_BYTES = 64 * 1024 * 1024
 DEFAULT_BROADCAST_MAX_BYTES = 256 * 1024
 DEFAULT_BROADCAST_HISTORY = 10_000
+DEFAULT_RESTORE_FLUSH_MS = 300
+DEFAULT_RESTORE_CONCURRENCY = 2
+DEFAULT_RESTORE_MAX_BYTES = 256 * 1024
 #: A token above this size risks the 8 KB header limits of nginx and gunicorn.
 TOKEN_SIZE_WARNING = 6 * 1024
 
@@ -157,6 +160,23 @@ class Settings:
     #: Broadcasts each topic's stream keeps (about): how far a worker may
     #: fall behind, and how many wait while Redis is unreachable.
     broadcast_history: int = DEFAULT_BROADCAST_HISTORY
+    #: Save what the browser changes in each session (and the state apps
+    #: declare with ``flask_docsync.restorable``) in Redis, so that a
+    #: reconnect whose worker died (``kill -9``, a crash, a deploy) gets the
+    #: session back, rebuilt on a live worker (:mod:`flask_docsync.restore`).
+    #: Needs ``redis_url``. ``add_app(..., restore=)`` overrides it per app.
+    restore_sessions: bool = False
+    #: How often changed sessions are written to Redis: what a ``kill -9``
+    #: loses at most. A graceful stop writes everything first.
+    restore_flush_ms: int = DEFAULT_RESTORE_FLUSH_MS
+    #: Restores running at once in a worker; the others wait (up to 20 s,
+    #: then get a fresh session), so that a dead worker's many sessions do
+    #: not stall the sessions the survivors already serve.
+    restore_concurrency: int = DEFAULT_RESTORE_CONCURRENCY
+    #: Largest saved data of one session (JSON bytes, about): what a browser
+    #: sends is bounded only by what it sends, and each save rewrites it.
+    #: A session past it is no longer saved (logged) and restores fresh.
+    restore_max_bytes: int = DEFAULT_RESTORE_MAX_BYTES
 
     @property
     def signed(self) -> bool:
@@ -259,6 +279,18 @@ class Settings:
                 "Signed session ids need a secret key. Set DOCSYNC_SECRET_KEY (or the"
                 " BOKEH_SECRET_KEY environment variable; `bokeh secret` makes one), or"
                 " turn signing off with DOCSYNC_SIGN_SESSIONS=false."
+            )
+        if self.restore_sessions and self.redis_url is None:
+            raise ConfigurationError(
+                "DOCSYNC_RESTORE_SESSIONS needs DOCSYNC_REDIS_URL: sessions are saved in Redis so that"
+                " they outlive their worker. Set DOCSYNC_REDIS_URL=redis://host:6379/0, or turn"
+                " DOCSYNC_RESTORE_SESSIONS off."
+            )
+        if self.restore_sessions and not self.signed:
+            raise ConfigurationError(
+                "DOCSYNC_RESTORE_SESSIONS needs signed session ids (set DOCSYNC_SECRET_KEY): a restore"
+                " hands saved data to whoever brings the session's token, and only a signed id proves"
+                " which worker made the session."
             )
         if not self.generate_session_ids and not self.signed:
             raise ConfigurationError(
@@ -422,4 +454,9 @@ _PARSERS: dict[str, Any] = {
     "advertise_url": _advertise_url,
     "broadcast_max_bytes": _integer(1, "bytes", "262144 (256 KiB)"),
     "broadcast_history": _integer(1, "broadcasts", "10000"),
+    "restore_sessions": _boolean,
+    # At least 10 ms: below that the flusher would hold the event loop.
+    "restore_flush_ms": _integer(10, "milliseconds", "300"),
+    "restore_concurrency": _integer(1, "restores", "2"),
+    "restore_max_bytes": _integer(1024, "bytes", "262144 (256 KiB)"),
 }

@@ -221,6 +221,11 @@ class ApplicationContext:
         #: The server's :class:`~flask_docsync.pubsub.Hub`, through which
         #: the app's scripts subscribe and broadcast; ``None`` outside a server.
         self.broadcasts: Any = None
+        #: Saves this app's sessions for a restore after their worker dies
+        #: (:class:`flask_docsync.restore.Restorer`); ``None``: restore is
+        #: off for this app.
+        self.restorer: Any = None
+        self._app_fingerprint: str | None = None
         self.server_context = ServerContext(self)
         self._sessions: dict[str, ServerSession] = {}
         self._pending: dict[str, gevent.event.AsyncResult] = {}
@@ -237,6 +242,15 @@ class ApplicationContext:
     def get_session(self, session_id: str) -> ServerSession | None:
         """The live session ``session_id``; ``None`` if there is none, or it is being discarded."""
         return self._sessions.get(session_id)
+
+    @property
+    def app_fingerprint(self) -> str:
+        """A hash of the app's source (see :func:`flask_docsync.restore.app_fingerprint`)."""
+        if self._app_fingerprint is None:
+            from .restore import app_fingerprint
+
+            self._app_fingerprint = app_fingerprint(self.application)
+        return self._app_fingerprint
 
     def session_user(self, session_id: str) -> Any:
         """The user of the request that created the session (``None`` if unknown)."""
@@ -264,12 +278,18 @@ class ApplicationContext:
             log.exception("App %s: error in on_server_unloaded", self.url)
 
     def create_session_if_needed(
-        self, session_id: str, request: RequestData, token: str, token_payload: dict[str, Any]
+        self, session_id: str, request: RequestData, token: str, token_payload: dict[str, Any],
+        saved: Any = None,
     ) -> ServerSession:
         """Return the session ``session_id``, creating it on first use.
 
         Concurrent callers for one new id share a single creation. When
         creation fails every caller gets the error and the id is free again.
+
+        :param saved: What was saved of this session before its worker died
+            (:class:`flask_docsync.restore.Saved`): a new session is rebuilt
+            from it, or made fresh when it cannot be rebuilt faithfully
+            (``saved.failure`` then says why). ``None``: a fresh session.
 
         :raises SessionError: for an empty id.
         """
@@ -290,7 +310,7 @@ class ApplicationContext:
                 return session
         result = self._pending[session_id] = gevent.event.AsyncResult()
         try:
-            session = self._create(session_id, request, token, token_payload)
+            session = self._create(session_id, request, token, token_payload, saved)
         except BaseException as exc:
             result.set_exception(exc)
             raise
@@ -304,13 +324,17 @@ class ApplicationContext:
         return session
 
     def _create(
-        self, session_id: str, request: RequestData, token: str, token_payload: dict[str, Any]
+        self, session_id: str, request: RequestData, token: str, token_payload: dict[str, Any],
+        saved: Any = None,
     ) -> ServerSession:
         doc = Document()
         context = SessionContext(
             self.server_context, session_id, request, token_payload, doc, self.logout_url
         )
         compat.set_session_context(doc, context)
+        if saved is not None:
+            # restore.restorable() hands it to the app script as it runs.
+            context._docsync_saved_state = saved.state if isinstance(saved.state, dict) else {}
 
         def scope() -> contextlib.AbstractContextManager[Any]:
             return self.app_scope(request)
@@ -343,8 +367,43 @@ class ApplicationContext:
             callback_stats=self.callback_stats,
         )
         context._session = session
+        if self.restorer is not None:
+            self.restorer.attach(session, self)
+            if saved is not None and not self._rebuild(session, context, saved):
+                # Never half-restored: this document had the saved state and
+                # some of the changes; a fresh one gets neither.
+                return self._create(session_id, request, token, token_payload)
         self.server_context._session_contexts[session_id] = context
         return session
+
+    def _rebuild(self, session: ServerSession, context: SessionContext, saved: Any) -> bool:
+        """Replay ``saved`` into the new ``session``; on failure destroy it
+        (running its destroy hooks) and return ``False``."""
+        from .restore import NotFaithful
+
+        try:
+            count = saved.rebuild(session)
+        except NotFaithful as exc:
+            saved.failure = str(exc)
+        except Exception as exc:  # a bug of ours or of the app's: still a fresh session, not a dead page
+            log.exception("App %s: session %s: restore failed", self.url, session.id)
+            saved.failure = f"{type(exc).__name__}: {exc}"
+        else:
+            # From now on the session is live again: restoring() says so.
+            context._docsync_saved_state = None
+            self.restorer.figures["replayed"] += count
+            return True
+        self.restorer.mismatch(self.url, session.id, saved.failure)
+        self.restorer.forget(session)
+        if self.broadcasts is not None:
+            self.broadcasts.forget(session.document)
+        session.destroy()
+        context._destroyed = True
+        with self.app_scope(context.request._data):
+            self._run_session_hooks("on_session_destroyed", context)
+        context._document = None
+        context._session = None
+        return False
 
     def warm(self) -> None:
         """Run the app once into a document that is thrown away (``--warm``).
@@ -440,6 +499,8 @@ class ApplicationContext:
                 if self.broadcasts is not None:
                     # Its handlers close over the document: drop them first.
                     self.broadcasts.forget(session.document)
+                if self.restorer is not None:
+                    self.restorer.forget(session)
                 session.destroy()
             context = self.server_context._session_contexts.pop(session_id, None)
             if context is not None:

@@ -76,7 +76,7 @@ class DocSync:
         self._authorize = authorize
         self._decorators = tuple(decorators)
         # Registered before any app was bound: every app bound gets them.
-        self._registrations: dict[str, tuple[AppTarget, tuple[str, ...]]] = {}
+        self._registrations: dict[str, tuple[AppTarget, tuple[str, ...], bool | None]] = {}
         # Weak, so the extension never keeps an app alive; they only decide
         # where add_app() without app= registers.
         self._bound: weakref.WeakSet[Flask] = weakref.WeakSet()
@@ -111,10 +111,10 @@ class DocSync:
         server = DocSyncServer(settings, app_scope=_make_app_scope(app))
         server.authorize = self._authorize
         server.serve_handed_over = functools.partial(_serve_handed_over, weakref.ref(app))
-        for route, (target, argv) in self._registrations.items():
+        for route, (target, argv, restore) in self._registrations.items():
             # Loaded now, so a broken script fails at start-up instead of
             # on the first page view.
-            server.add_app(route, target, argv)
+            server.add_app(route, target, argv, restore=restore)
 
         app.register_blueprint(make_blueprint(
             settings.url_prefix, bool(settings.index) or server.has_route("/"), self._decorators
@@ -140,7 +140,8 @@ class DocSync:
         return self._last_bound() if self._last_bound is not None else None
 
     def add_app(
-        self, route: str | None, target: AppTarget, argv: Sequence[str] = (), *, app: Flask | None = None
+        self, route: str | None, target: AppTarget, argv: Sequence[str] = (), *, app: Flask | None = None,
+        restore: bool | None = None,
     ) -> str:
         """Serve a Bokeh application at ``route``.
 
@@ -165,9 +166,14 @@ class DocSync:
             notebook or app directory.
         :param argv: Arguments a script or directory app sees in ``sys.argv[1:]``.
         :param app: The Flask app to register in; ``None`` chooses as above.
+        :param restore: Save this app's sessions in Redis and rebuild them
+            when a reconnect finds their worker gone (see
+            :mod:`flask_docsync.restore`); ``None`` follows
+            ``DOCSYNC_RESTORE_SESSIONS``. ``True`` needs ``DOCSYNC_REDIS_URL``
+            and signed session ids.
         :return: The normalized route.
-        :raises ConfigurationError: for a taken route, a missing path, or an
-            app that does not load.
+        :raises ConfigurationError: for a taken route, a missing path, an
+            app that does not load, or restore without Redis.
         """
         if route is None:
             if not isinstance(target, (str, os.PathLike)):
@@ -180,10 +186,10 @@ class DocSync:
         if flask_app is None:
             if route in self._registrations:
                 raise ConfigurationError(f"An app is already registered at {route!r}.")
-            self._registrations[route] = (target, tuple(argv))
+            self._registrations[route] = (target, tuple(argv), restore)
             return route
         server = self.server(flask_app)
-        server.add_app(route, target, argv)
+        server.add_app(route, target, argv, restore=restore)
         if route == "/" and not server.settings.index:
             add_index_rule(flask_app, server.settings.url_prefix, self._decorators)
         return route

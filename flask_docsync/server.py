@@ -23,7 +23,7 @@ from .config import Settings
 from .connection import ServerConnection
 from .context import ApplicationContext, RequestData
 from .errors import CloseCode, ConfigurationError, SessionError, TokenError, UnknownApplication
-from . import deploy, monitor, panel, pubsub, reclaim, registry, relay, routing, signals
+from . import deploy, monitor, panel, pubsub, reclaim, registry, relay, restore, routing, signals
 from .scheduler import CallbackScheduler, new_session_clock
 from .session import ServerSession, live_sessions
 from .tokens import TokenPolicy, owner_tag
@@ -89,6 +89,17 @@ class DocSyncServer:
         self.broadcasts = pubsub.Hub(
             settings.redis_url, settings.redis_prefix, settings.broadcast_max_bytes, settings.broadcast_history,
         )
+        #: Saves sessions for a restore after their worker dies (see
+        #: :mod:`flask_docsync.restore`); ``None`` without Redis, since the
+        #: saved data must outlive this process.
+        self.restorer: restore.Restorer | None = None
+        if settings.redis_url is not None:
+            self.restorer = restore.Restorer(
+                settings.redis_url, settings.redis_prefix, settings.restore_flush_ms,
+                settings.restore_concurrency, settings.restore_max_bytes,
+                ttl_ms=settings.unused_session_lifetime_ms + settings.check_unused_sessions_ms
+                + restore.RECONNECT_GRACE_MS,
+            )
         self._started = False
         self._stopping = False
         self._stop_hooked = False
@@ -97,13 +108,36 @@ class DocSyncServer:
         #: may be imported for a ``/components/`` request; see panel.component_file).
         self.app_dirs: list[str] = []
 
-    def add_application(self, route: str, application: Any, logout_url: str | None = None) -> ApplicationContext:
+    def add_application(
+        self, route: str, application: Any, logout_url: str | None = None, restore: bool | None = None,
+    ) -> ApplicationContext:
+        """Serve a built Bokeh ``Application`` at ``route``.
+
+        :param restore: Save and restore its sessions (see
+            :mod:`flask_docsync.restore`); ``None`` follows
+            ``DOCSYNC_RESTORE_SESSIONS``.
+        :raises ConfigurationError: for ``restore=True`` without ``DOCSYNC_REDIS_URL``.
+        """
+        restores = self.settings.restore_sessions if restore is None else restore
+        if restores and self.restorer is None:
+            raise ConfigurationError(
+                f"App {route}: restoring sessions (add_app(..., restore=True) or DOCSYNC_RESTORE_SESSIONS)"
+                " needs DOCSYNC_REDIS_URL: the saved sessions must outlive the worker. Set"
+                " DOCSYNC_REDIS_URL=redis://host:6379/0, or pass restore=False."
+            )
+        if restores and not self.settings.signed:
+            raise ConfigurationError(
+                f"App {route}: restoring sessions needs signed session ids (set DOCSYNC_SECRET_KEY): only"
+                " a signed id proves which worker made a session, and that its token is ours."
+            )
         context = ApplicationContext(
             application, route, self.app_scope, logout_url, scheduler_factory=self._make_scheduler,
             on_session_created=functools.partial(self._session_created, route),
             url_root=self.settings.url_prefix,
         )
         context.broadcasts = self.broadcasts
+        if restores:
+            context.restorer = self.restorer
         self.contexts[route] = context
         return context
 
@@ -117,21 +151,24 @@ class DocSyncServer:
         # requests (scheduler.session_clock); everything else runs on real time.
         return CallbackScheduler(invoke, name, clock=new_session_clock())
 
-    def add_app(self, route: str, target: AppTarget, argv: Sequence[str] = ()) -> ApplicationContext:
+    def add_app(
+        self, route: str, target: AppTarget, argv: Sequence[str] = (), restore: bool | None = None,
+    ) -> ApplicationContext:
         """Build the application ``target`` and serve it at ``route`` (normalized).
 
         It is built at once, so a broken script fails here, at start-up,
         rather than on its first page view; added to a running server, its
         ``on_server_loaded`` hook runs at once.
 
-        :raises ConfigurationError: when ``route`` is taken or the target
-            does not load.
+        :param restore: See :meth:`add_application`.
+        :raises ConfigurationError: when ``route`` is taken, the target
+            does not load, or restore is asked for without Redis.
         """
         if route in self.contexts:
             raise ConfigurationError(
                 f"An app is already registered at {route!r} in this Flask app; pick another route."
             )
-        context = self.add_application(route, build_application(target, argv))
+        context = self.add_application(route, build_application(target, argv), restore=restore)
         if isinstance(target, (str, os.PathLike)):
             path = os.path.abspath(os.fspath(target))
             self.app_dirs.append(path if os.path.isdir(path) else os.path.dirname(path))
@@ -169,6 +206,10 @@ class DocSyncServer:
         """
         if self._started:
             return
+        if self.restorer is not None and any(c.restorer is not None for c in self.contexts.values()):
+            # Here, before any session: a page that cannot be saved should
+            # fail loudly at once, not log failed saves for ever.
+            self.restorer.check()
         self._started = True
         if not self._stop_hooked:
             self._stop_hooked = deploy.on_stop_signal(self._stop_on_signal)
@@ -183,6 +224,8 @@ class DocSyncServer:
                 context.warm()
         self.reclaimer.start()
         self.broadcasts.start()
+        if self.restorer is not None:
+            self.restorer.restart()
         settings = self.settings
         loops = [("docsync-unused-session-cleanup", settings.check_unused_sessions_ms, DocSyncServer._cleanup)]
         if settings.keep_alive_ms > 0:
@@ -212,6 +255,10 @@ class DocSyncServer:
         gevent.joinall(self._greenlets, timeout=5)
         self._greenlets.clear()
         self.reclaimer.stop()
+        if self.restorer is not None:
+            # Before any WebSocket closes: the browsers reconnect at once, to
+            # workers that restore from what is in Redis by then.
+            self.restorer.save_all()
         for connection in list(self.connections):
             connection.close(code, reason)
         deadline = gevent.Timeout(5)
@@ -223,11 +270,16 @@ class DocSyncServer:
             log.warning("%d connection(s) did not close in time", len(self.connections))
         finally:
             deadline.close()
+        if self.restorer is not None:
+            # What arrived while the connections closed.
+            self.restorer.save_all()
         for context in self.contexts.values():
             context.destroy_all(force=True)
             context.run_unload_hook()
         self.registry.stop()
         self.broadcasts.stop()
+        if self.restorer is not None:
+            self.restorer.stop()
         self._started = False
         self._stopping = False
 
@@ -322,6 +374,8 @@ class DocSyncServer:
             user=live_request.user,
         )
         self.start()
+        if owner_gone and context.restorer is not None:
+            return context.restorer.restore(context, session_id, request, token, payload)
         return context.create_session_if_needed(session_id, request, token, payload)
 
     def _serve_handed_over(self, head: dict[str, Any], client: Any, buffered: bytes) -> None:
@@ -399,6 +453,7 @@ class DocSyncServer:
             "reclaim": dict(self.reclaimer.figures),
             "routing": {**self.router.stats(), "relays_open": len(self.relays)},
             "broadcast": self.broadcasts.stats(),
+            "restore": self.restorer.stats() if self.restorer is not None else None,
             "apps": apps,
         }
 
@@ -450,6 +505,16 @@ class DocSyncServer:
                 " (%d handler errors), %d in the outbox, %d waiting, reader alive %s s ago, lag %s ms",
                 s["pid"], b["published"], b["received"], b["delivered"], b["subscriptions"],
                 b["handler_errors"], b["outbox"], b["waiting"], b["reader_seconds_since_alive"], b["lag_ms"],
+            )
+        r = s["restore"]
+        if r is not None and (r["recorded_sessions"] or r["restored"] or r["saved"]):
+            stats_log.debug(
+                "[pid %d] restore: %d sessions recorded (%d bytes), %d saves (%d failed), %d restored,"
+                " %d fresh (mismatch %d, busy %d, Redis error %d, nothing saved %d), %d changes skipped",
+                s["pid"], r["recorded_sessions"], r["recorded_bytes"], r["saved"], r["save_errors"], r["restored"],
+                r["fresh_because_mismatch"] + r["fresh_because_busy"] + r["fresh_because_error"] + r["nothing_saved"],
+                r["fresh_because_mismatch"], r["fresh_because_busy"], r["fresh_because_error"], r["nothing_saved"],
+                r["skipped"],
             )
 
     def _keepalive(self) -> None:

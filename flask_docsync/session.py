@@ -115,6 +115,10 @@ class _DocumentLock:
             session._lock_owner = None
             compat.restore_curdoc(self._curdoc)
             session._flush(pending)
+            recorder = session.recorder
+            if recorder is not None:
+                # App code ran: its restorable state may have changed.
+                recorder.touched()
         finally:
             session._lock.release()
             session.unblock_expiration()
@@ -171,6 +175,10 @@ class ServerSession:
         self._expiration_requested = False
         self._expiration_blocked = 0
         self._scheduler = (scheduler_factory or CallbackScheduler)(self._invoke_callback, session_id)
+        #: Records what the browser changes, for a restore after this
+        #: worker dies (:class:`flask_docsync.restore.Recorder`); ``None``
+        #: when restore is off for the app.
+        self.recorder: Any = None
         _live.add(self)
         document.callbacks.on_change_dispatch_to(self)
         for callback in document.session_callbacks:
@@ -402,11 +410,17 @@ class ServerSession:
 
     def handle_patch(self, message: Any, connection: Subscriber) -> list[str | bytes]:
         with self._app_scope(), self._locked():
+            recorder = self.recorder
+            # Ranks are taken before the patch applies: its callbacks may
+            # add and remove models.
+            recorded = recorder.prepare(message.content, self._document) if recorder is not None else None
             self._current_patch_connection = connection
             try:
                 message.apply_to_document(self._document, self)
             finally:
                 self._current_patch_connection = None
+            if recorded is not None:
+                recorder.commit(recorded, self._document)
         return ok_frames(message.header["msgid"])
 
     def notify_connection_lost(self) -> None:

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "flask_docsync"
 
 CORE = ("errors", "config", "compat", "apps", "transport", "protocol", "fastpatch", "session",
         "scheduler", "aio", "context", "reclaim", "connection", "server", "tokens", "monitor",
-        "deploy", "signals", "routing", "handover", "panel", "pubsub", "registry", "relay")
+        "deploy", "signals", "routing", "handover", "panel", "pubsub", "registry", "relay", "restore")
 FLASK_SIDE = ("blueprint", "embed", "extension", "sock", "commands", "cli", "testing")
 SOCKET_SIDE = ("websocket",)
 

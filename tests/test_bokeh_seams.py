@@ -52,6 +52,22 @@ def test_session_context_is_read_through_the_private_attribute():
     assert doc.session_context is None
 
 
+def test_the_model_table_is_replaced_when_the_models_change_and_ids_count_up():
+    # flask_docsync.restore caches ranks per model table (by identity) and
+    # takes the numeric order of Bokeh's simple ids for creation order.
+    doc = Document()
+    first = Div(text="a")
+    doc.add_root(first)
+    table = compat.model_table(doc)
+    assert isinstance(table, dict) and table == {first.id: first}
+    first.text = "b"  # a plain property: the same set of models
+    assert compat.model_table(doc) is table
+    second = Div(text="c")
+    doc.add_root(second)
+    assert compat.model_table(doc) is not table and set(compat.model_table(doc)) == {first.id, second.id}
+    assert first.id.startswith("p") and int(second.id[1:]) > int(first.id[1:])
+
+
 def test_document_destroy_has_the_gc_global_and_the_module_list():
     compat.install()
     assert isinstance(bokeh_document.gc, compat._DocumentGc)
