@@ -29,7 +29,8 @@ ROUTE = "/restore"
 
 
 class RestoreServer:
-    def __init__(self, tmp: Path, redis_url: str, flush_ms: int, unused_lifetime_ms: int = 15_000) -> None:
+    def __init__(self, tmp: Path, redis_url: str, flush_ms: int, unused_lifetime_ms: int = 15_000,
+                 advertise: bool = False) -> None:
         port = free_port()
         cmd = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(WORKERS),
                "--bind", f"127.0.0.1:{port}", "--chdir", str(APPS), "--graceful-timeout", "10",
@@ -37,6 +38,7 @@ class RestoreServer:
         self.server = RunningServer(cmd, port, env={
             "TEST_SECRET": SECRET, "TEST_REDIS_URL": redis_url, "RESTORE_FLUSH_MS": str(flush_ms),
             "RESTORE_UNUSED_LIFETIME_MS": str(unused_lifetime_ms),
+            **({"RESTORE_ADVERTISE_URL": f"http://127.0.0.1:{port}"} if advertise else {}),
         })
         self.page_url = self.server.url + ROUTE
         self.ws_url = self.server.ws_url + ROUTE + "/ws"
@@ -58,8 +60,8 @@ class RestoreServer:
 def restore_server(tmp_path, redis_server):  # noqa: F811
     started: list[RestoreServer] = []
 
-    def start(flush_ms: int = 200, unused_lifetime_ms: int = 15_000) -> RestoreServer:
-        server = RestoreServer(tmp_path, redis_server.url, flush_ms, unused_lifetime_ms)
+    def start(flush_ms: int = 200, unused_lifetime_ms: int = 15_000, advertise: bool = False) -> RestoreServer:
+        server = RestoreServer(tmp_path, redis_server.url, flush_ms, unused_lifetime_ms, advertise)
         started.append(server)
         return server
 
@@ -262,3 +264,22 @@ def test_a_dead_workers_sessions_all_come_back_when_they_reconnect_at_once(resto
     assert slowest < 30, f"the slowest reconnect took {slowest:.1f} s: BokehJS would have given up"
     log = server.server.log()
     assert log.count("restored session") >= len(victims) and "Traceback" not in log
+
+
+@pytest.mark.timeout(120)
+def test_a_whole_host_killed_its_sessions_are_restored_on_another_host(restore_server):
+    """Two hosts joined through Redis: the reconnect reaches the other host, which restores the session."""
+    survivor, doomed = restore_server(flush_ms=200, advertise=True), restore_server(flush_ms=200, advertise=True)
+    token, client, doc = open_page(doomed)
+    use_the_app(client, doc)
+    time.sleep(1.0)
+    client.close()
+    doomed.server.stop(signal.SIGKILL)  # master and workers at once: nothing saved at a stop
+    client = survivor.connect(token)
+    try:
+        doc = client.handshake().content["doc"]
+    finally:
+        client.close()
+    assert int(attrs(doc, "pid")["text"]) in survivor.server.child_pids()
+    assert_restored(doc)
+    assert "restored session" in survivor.server.log()

@@ -9,7 +9,8 @@ built the document.
 Settings from the environment, read by :func:`create_app`: ``TEST_SECRET``
 (``DOCSYNC_SECRET_KEY``), ``TEST_REDIS_URL`` (``DOCSYNC_REDIS_URL``),
 ``RESTORE_FLUSH_MS`` (``DOCSYNC_RESTORE_FLUSH_MS``), ``RESTORE_UNUSED_LIFETIME_MS``
-(``DOCSYNC_UNUSED_SESSION_LIFETIME_MS``).
+(``DOCSYNC_UNUSED_SESSION_LIFETIME_MS``), ``RESTORE_ADVERTISE_URL``
+(``DOCSYNC_ADVERTISE_URL``: one of several hosts).
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def create_app():
         # this; the stampede test's pages wait longer than the default 15 s.
         DOCSYNC_UNUSED_SESSION_LIFETIME_MS=int(os.environ.get("RESTORE_UNUSED_LIFETIME_MS", "15000")),
     )
+    if os.environ.get("RESTORE_ADVERTISE_URL"):
+        app.config["DOCSYNC_ADVERTISE_URL"] = os.environ["RESTORE_ADVERTISE_URL"]
     docsync = DocSync(app, url_prefix="")
     docsync.add_app("/restore", full_app)
 
