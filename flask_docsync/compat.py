@@ -45,6 +45,29 @@ BOKEH_VERSION: tuple[int, ...] = tuple(
     int(part) for part in bokeh.__version__.split(".")[:2] if part.isdigit()
 )
 
+#: BokehJS before 3.10 drops the binary buffers of the document it pulls
+#: again after a reconnect (``replace_with_json(doc_json)`` without them;
+#: bokeh issue 15347): a document with a numpy column then fails to load
+#: ("buffer for id=... not found") and the page keeps its stale copy, under
+#: ``bokeh serve`` too. :func:`pull_reply` inlines the buffers (base64) for
+#: such a pull.
+REPULL_DROPS_BUFFERS = BOKEH_VERSION < (3, 10)
+
+
+def pull_reply(request_id: str, document: Any, inline_buffers: bool) -> Any:
+    """A ``PULL-DOC-REPLY`` for ``document``; with ``inline_buffers`` its binary buffers are base64 in the JSON.
+
+    Inlined buffers cost a third more bytes, so only a pull that BokehJS
+    may be making again (see :data:`REPULL_DROPS_BUFFERS`) should ask for them.
+    """
+    from bokeh.protocol.messages.pull_doc_reply import PullDoc, pull_doc_reply
+
+    if not inline_buffers:
+        return pull_doc_reply.create(request_id, document)
+    return pull_doc_reply(pull_doc_reply.create_header(request_id=request_id), {},
+                          PullDoc(doc=document.to_json(deferred=False)))
+
+
 _stack: contextvars.ContextVar[tuple[weakref.ReferenceType[Any], ...]] = contextvars.ContextVar(
     "flask_docsync_curdoc", default=()
 )

@@ -375,8 +375,11 @@ class DocSyncServer:
         )
         self.start()
         if owner_gone and context.restorer is not None:
-            return context.restorer.restore(context, session_id, request, token, payload)
-        return context.create_session_if_needed(session_id, request, token, payload)
+            session = context.restorer.restore(context, session_id, request, token, payload)
+        else:
+            session = context.create_session_if_needed(session_id, request, token, payload)
+        session.made_for_websocket = True
+        return session
 
     def _serve_handed_over(self, head: dict[str, Any], client: Any, buffered: bytes) -> None:
         if self.serve_handed_over is None:

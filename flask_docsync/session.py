@@ -179,6 +179,11 @@ class ServerSession:
         #: worker dies (:class:`flask_docsync.restore.Recorder`); ``None``
         #: when restore is off for the app.
         self.recorder: Any = None
+        #: Whether the session was made when a WebSocket arrived rather than
+        #: for a page (its worker was gone, or the page was served elsewhere):
+        #: the browser may already show a document (see :meth:`handle_pull`).
+        self.made_for_websocket = False
+        self._pulled = False
         _live.add(self)
         document.callbacks.on_change_dispatch_to(self)
         for callback in document.session_callbacks:
@@ -399,8 +404,13 @@ class ServerSession:
     # Message handlers; each returns the frames of the reply to send.
 
     def handle_pull(self, message: Message[Any], connection: Subscriber) -> list[str | bytes]:
+        # A second pull, or the first of a session made for a WebSocket (a
+        # reconnect whose session was gone), may come from a BokehJS that
+        # already shows a document and loads this one into it.
+        inline = compat.REPULL_DROPS_BUFFERS and (self._pulled or self.made_for_websocket)
         with self._locked():
-            reply = protocol.create("PULL-DOC-REPLY", message.header["msgid"], self._document)
+            reply = compat.pull_reply(message.header["msgid"], self._document, inline)
+        self._pulled = True
         return encode(reply)
 
     def handle_push(self, message: Any, connection: Subscriber) -> list[str | bytes]:
