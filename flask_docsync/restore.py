@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import hmac
 import inspect
 import json
 import logging
@@ -84,7 +85,7 @@ import gevent.lock
 import gevent.monkey
 
 from . import compat
-from .errors import ConfigurationError
+from .errors import ConfigurationError, TokenError
 
 if TYPE_CHECKING:
     from bokeh.document import Document
@@ -241,6 +242,16 @@ def _from_ranks(value: Any, ids: list[str]) -> Any:
     return value
 
 
+def user_mac(secret: bytes | None, user: Any) -> str | None:
+    """What a session's saved data keeps of its user (what the app's
+    authorize hook returned): an HMAC over a stable text form, never the
+    value itself; ``None`` for no user (authorize off)."""
+    if user is None:
+        return None
+    text = f"{type(user).__name__}:{user}" if isinstance(user, (str, int)) else f"repr:{user!r}"
+    return hmac.new(secret or b"", text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:32]
+
+
 def _size(value: Any) -> int:
     """About how many bytes ``value`` takes in the saved JSON (cheap for plain values)."""
     if isinstance(value, str):
@@ -305,6 +316,9 @@ class Recorder:
         doc = session.document
         self.first_skeleton = self.ranks(doc).skeleton()
         self.app = ""
+        #: :func:`user_mac` of the session's user, saved so that a restore
+        #: goes to that user only.
+        self.user: str | None = None
 
     @property
     def session(self) -> ServerSession | None:
@@ -558,7 +572,7 @@ class Recorder:
             changes = [[list(key[1:]), group, value] for key, (group, value, _) in self.entries.items()]
             fields = {
                 "meta": json.dumps({
-                    "format": FORMAT, "app": self.app, "first": self.first_skeleton,
+                    "format": FORMAT, "app": self.app, "user": self.user, "first": self.first_skeleton,
                     "last": self.ranks(session.document).skeleton(),
                     "values": self.values_check(session.document),
                 }),
@@ -799,6 +813,8 @@ class Restorer:
         write or refresh; the flusher refreshes it while the session lives.
     :param client_factory: ``client_factory(url, timeout)`` returns a
         ``redis.Redis``; ``None`` uses redis-py's (as broadcasts do).
+    :param secret: The deployment's secret key (``DOCSYNC_SECRET_KEY``):
+        a session's user is saved as an HMAC keyed with it.
     """
 
     def __init__(
@@ -810,8 +826,11 @@ class Restorer:
         max_bytes: int = 256 * 1024,
         ttl_ms: int = 90_000,
         client_factory: Any = None,
+        secret: bytes | None = None,
     ) -> None:
         self.redis_url = redis_url
+        #: The deployment's secret key: keys the HMAC of each session's user.
+        self.secret = secret
         self.prefix = prefix
         self.flush_ms = flush_ms
         self.max_bytes = max_bytes
@@ -879,6 +898,9 @@ class Restorer:
         """Record ``session`` (just built by ``context``) from now on."""
         recorder = Recorder(session, self.key(context.url, session.id), self.max_bytes)
         recorder.app = context.app_fingerprint
+        session_context = session.document.session_context if session.document is not None else None
+        request = getattr(session_context, "request", None)
+        recorder.user = user_mac(self.secret, getattr(request, "user", None) if request is not None else None)
         recorder.route = context.url
         recorder.logged = self._logged_skips
         recorder.wake = self._wake
@@ -1045,6 +1067,8 @@ class Restorer:
             return context.create_session_if_needed(session_id, request, token, payload)
         try:
             saved = self._load(context, session_id)
+            if saved is not None:
+                self._check_user(context, session_id, saved, request)
             session = context.create_session_if_needed(session_id, request, token, payload, saved=saved)
             if saved is not None and saved.failure is None:
                 self.figures["restored"] += 1
@@ -1054,6 +1078,23 @@ class Restorer:
         finally:
             self._slots.release()
             self.restore_seconds += time.perf_counter() - started
+
+    def _check_user(self, context: ApplicationContext, session_id: str, saved: Saved, request: Any) -> None:
+        """Refuse a reconnect of another user than the one the session was saved for.
+
+        A session saved without a user (authorize off) restores for anyone.
+
+        :raises TokenError: as a live session refuses another user.
+        """
+        owner = saved.meta.get("user")
+        if owner is None:
+            return
+        mac = user_mac(self.secret, getattr(request, "user", None))
+        if mac is None or not hmac.compare_digest(str(owner), mac):
+            self.figures["refused_user"] += 1
+            log.warning("App %s: session %s was saved for another user; its restore is refused",
+                        context.url, session_id)
+            raise TokenError("This session belongs to another user.")
 
     def _load(self, context: ApplicationContext, session_id: str) -> Saved | None:
         key = self.key(context.url, session_id)

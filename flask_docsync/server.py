@@ -99,6 +99,7 @@ class DocSyncServer:
                 settings.restore_concurrency, settings.restore_max_bytes,
                 ttl_ms=settings.unused_session_lifetime_ms + settings.check_unused_sessions_ms
                 + restore.RECONNECT_GRACE_MS,
+                secret=settings.secret_key_bytes,
             )
         self._started = False
         self._stopping = False

@@ -852,3 +852,43 @@ def test_a_value_the_server_changed_after_the_browser_set_it_restores_fresh(redi
     restorer2, context2 = make_worker(redis_data)
     fresh = restore_on(context2, restorer2)
     assert one(fresh.document, "slider").value == 1 and restorer2.figures["fresh_because_mismatch"] == 1
+
+
+def _server(redis_data):
+    from flask_docsync.config import Settings
+    from flask_docsync.server import DocSyncServer
+
+    server = DocSyncServer(Settings.load({"DOCSYNC_SECRET_KEY": "x" * 40, "DOCSYNC_REDIS_URL": "redis://localhost:1/0",
+                                          "DOCSYNC_RESTORE_SESSIONS": True}, {}))
+    server.restorer._client_factory = lambda url, t: FakeRedis(redis_data)
+    server.authorize = lambda *a, **k: True
+    server.add_app("/r", restore_app.full_app)
+    return server
+
+
+def test_a_restore_goes_to_the_sessions_user_only(redis_data):
+    from flask_docsync.errors import TokenError
+
+    first, heir = _server(redis_data), _server(redis_data)
+    try:
+        assert first.router.tag != heir.router.tag
+        sid = first.tokens.new_session_id(owner=first.router.tag)
+        session = first.create_session("/r", RequestData(user="alice"), session_id=sid)
+        token = session.token
+        session.document.session_context._docsync_state["clicks"] = 123
+        patch(session, changed(one(session.document, "slider"), "value", 42))
+        first.restorer.flush()
+        meta = json.loads(next(iter(redis_data.values()))[b"meta"])
+        assert meta["user"] and "alice" not in json.dumps(meta), "an HMAC of the user, not the user"
+        with pytest.raises(TokenError, match="belongs to another user"):
+            first.session_for_token("/r", token, RequestData(user="bob"))
+        # The first worker is gone: the heir gets the reconnects.
+        with pytest.raises(TokenError, match="belongs to another user"):
+            heir.session_for_token("/r", token, RequestData(user="bob"))
+        assert heir.get_context("/r").get_session(sid) is None
+        restored = heir.session_for_token("/r", token, RequestData(user="alice"))
+        assert one(restored.document, "slider").value == 42
+        assert heir.restorer.figures["restored"] == 1 and heir.restorer.figures["refused_user"] == 1
+    finally:
+        first.stop()
+        heir.stop()
