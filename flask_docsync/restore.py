@@ -966,6 +966,10 @@ class Restorer:
                 gevent.sleep(0)
             if recorder.wake is None:
                 continue  # forgotten meanwhile
+            if everyone:
+                # A stop writes every session: Redis may have lost keys
+                # (a restart without persistence, an eviction, a failover).
+                recorder.dirty = True
             fields = recorder.snapshot()
             if fields is not None:
                 batch.append((recorder, fields))
@@ -981,12 +985,14 @@ class Restorer:
                     pipe.delete(recorder.key)
                 pipe.hset(recorder.key, mapping=fields)
                 pipe.pexpire(recorder.key, self.ttl_ms)
+            refreshed: list[Recorder] = []
             if touch:
                 # Sessions that live on without changes keep their data.
                 for recorder in list(self._recorders.values()):
                     if recorder.saved:
                         pipe.pexpire(recorder.key, self.ttl_ms)
-            pipe.execute()
+                        refreshed.append(recorder)
+            results = pipe.execute()
         except BaseException:
             for recorder, _ in batch:
                 recorder.dirty = True
@@ -996,6 +1002,13 @@ class Restorer:
             raise
         if touch:
             self._last_touch = now
+            if refreshed and isinstance(results, list) and len(results) >= len(refreshed):
+                for recorder, result in zip(refreshed, results[len(results) - len(refreshed):]):
+                    if result == 0 and recorder.wake is not None:
+                        # Redis lost the key (PEXPIRE answers 0): write it again.
+                        self.figures["lost_keys"] += 1
+                        recorder.dirty = True
+                        self._touched.add(recorder)
         for recorder, _ in batch:
             recorder.saved = True
             if recorder.overflowed:
@@ -1136,7 +1149,7 @@ class Restorer:
         return {
             **{k: self.figures[k] for k in (
                 "saved", "restored", "nothing_saved", "fresh_because_mismatch", "fresh_because_busy",
-                "fresh_because_error", "too_large", "save_errors")},
+                "fresh_because_error", "too_large", "save_errors", "lost_keys", "refused_user")},
             "replayed": self.figures["replayed"],
             "skipped": sum(r.skipped for r in recorders) + self.figures["skipped_gone"],
             "recorded_sessions": len(recorders),

@@ -33,6 +33,7 @@ class FakeRedis:
         self.data = data
         self.ttl: dict[str, int] = {}
         self.ops: list = []
+        self.results: list = []
 
     def pipeline(self, transaction=False):
         return self
@@ -40,19 +41,22 @@ class FakeRedis:
     def hset(self, key, mapping):
         self.ops.append(("hset", key))
         self.data.setdefault(key, {}).update({k.encode(): v.encode() for k, v in mapping.items()})
+        self.results.append(len(mapping))
 
     def pexpire(self, key, ms):
         self.ttl[key] = ms
+        self.results.append(int(key in self.data))
 
     def delete(self, key):
         self.ops.append(("delete", key))
-        self.data.pop(key, None)
+        self.results.append(int(self.data.pop(key, None) is not None))
 
     def hgetall(self, key):
         return dict(self.data.get(key, {}))
 
     def execute(self):
-        return []
+        results, self.results = self.results, []
+        return results
 
     def close(self):
         pass
@@ -892,3 +896,27 @@ def test_a_restore_goes_to_the_sessions_user_only(redis_data):
     finally:
         first.stop()
         heir.stop()
+
+
+def test_sessions_whose_data_redis_lost_are_written_again(redis_data, redis_server):  # noqa: F811
+    restorer, context = _real_worker(redis_server.url)
+    session = new_session(context)
+    patch(session, changed(one(session.document, "slider"), "value", 42))
+    assert restorer.flush() == 1
+    key = session.recorder.key
+    redis_server.restart(0.2)  # no persistence: a restart (or failover, eviction) loses the keys
+    assert not redis_server.client().exists(key)
+    try:
+        restorer.flush(everyone=True)
+    except Exception:  # the client's connection died with the server
+        restorer.flush(everyone=True)
+    assert redis_server.client().exists(key), "a stop's save writes every session"
+    restorer2, context2 = _real_worker(redis_server.url)
+    assert one(restore_on(context2, restorer2).document, "slider").value == 42
+
+    # The periodic refresh of TTLs notices a lost key, and the next flush writes it.
+    redis_server.client().delete(key)
+    restorer._last_touch = 0
+    restorer.flush()
+    restorer.flush()
+    assert redis_server.client().exists(key)
