@@ -75,6 +75,7 @@ import hmac
 import inspect
 import json
 import logging
+import secrets
 import time
 import weakref
 from collections.abc import Mapping
@@ -114,6 +115,24 @@ RANK = "docsync:rank"
 #: UI events the browser sends again by itself after a reconnect.
 _RESENT_EVENTS = frozenset({"document_ready"})
 _PLAIN = (str, int, float, bool, type(None))
+#: Writes a session's data (``KEYS[1]``) if the key is absent, owned by this
+#: writer (``ARGV[1]``), or claimed (``ARGV[2] == "1"``): then the whole hash
+#: is replaced, stamped with the owner, and given the TTL ``ARGV[3]``; the
+#: fields and values follow. Two copies of one session (a worker taken for
+#: gone, a late save at a stop) must not overwrite each other's data.
+WRITE_SCRIPT = """
+local current = redis.call('HGET', KEYS[1], 'owner')
+if current and current ~= ARGV[1] and ARGV[2] ~= '1' then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], unpack(ARGV, 4))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+#: Deletes a session's data only if this writer (``ARGV[1]``) owns it.
+DELETE_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 class NotFaithful(Exception):
@@ -298,6 +317,10 @@ class Recorder:
         self.dirty = False
         #: Whether the key holds data (so discarding the session deletes it).
         self.saved = False
+        #: The next write takes the key whoever owns it: a new session (also
+        #: one made again for an id another copy saved), a restored one.
+        #: Later writes go through only while this worker owns the key.
+        self.claim = True
         #: Too large to save: nothing more is recorded.
         self.overflowed = False
         #: Not written while a restore replays into the session: a restore
@@ -831,6 +854,8 @@ class Restorer:
         self.redis_url = redis_url
         #: The deployment's secret key: keys the HMAC of each session's user.
         self.secret = secret
+        #: Stamped on the data this process writes (see :data:`WRITE_SCRIPT`).
+        self.owner = secrets.token_hex(8)
         self.prefix = prefix
         self.flush_ms = flush_ms
         self.max_bytes = max_bytes
@@ -843,7 +868,8 @@ class Restorer:
         #: Recorders a flush looks at (see Recorder.touched).
         self._touched: set[Recorder] = set()
         self._logged_skips: set[tuple[str, str]] = set()
-        self._deletes: list[str] = []
+        #: ``(key, owner)``: deleted if ``owner`` owns it (``None``: whoever does).
+        self._deletes: list[tuple[str, str | None]] = []
         self._flusher: gevent.Greenlet | None = None
         self._last_touch = 0.0
         self._stopped = False
@@ -932,7 +958,7 @@ class Restorer:
             del self._recorders[recorder.key]
         self.figures["skipped_gone"] += recorder.skipped
         if recorder.saved and not self._stopped:
-            self._deletes.append(recorder.key)
+            self._deletes.append((recorder.key, self.owner))
 
     def _flush_once(self) -> None:
         try:
@@ -978,13 +1004,14 @@ class Restorer:
             return 0
         try:
             pipe = self._redis().pipeline(transaction=False)
-            for key in deletes:
-                pipe.delete(key)
+            for key, owner in deletes:
+                if owner is None:
+                    pipe.delete(key)
+                else:
+                    pipe.eval(DELETE_SCRIPT, 1, key, owner)
             for recorder, fields in batch:
-                if recorder.overflowed:
-                    pipe.delete(recorder.key)
-                pipe.hset(recorder.key, mapping=fields)
-                pipe.pexpire(recorder.key, self.ttl_ms)
+                pipe.eval(WRITE_SCRIPT, 1, recorder.key, self.owner, "1" if recorder.claim else "0", self.ttl_ms,
+                          *(x for pair in fields.items() for x in pair))
             refreshed: list[Recorder] = []
             if touch:
                 # Sessions that live on without changes keep their data.
@@ -1009,12 +1036,20 @@ class Restorer:
                         self.figures["lost_keys"] += 1
                         recorder.dirty = True
                         self._touched.add(recorder)
-        for recorder, _ in batch:
+        written = 0
+        for n, (recorder, _) in enumerate(batch, len(deletes)):
+            if isinstance(results, list) and n < len(results) and results[n] == 0:
+                # Another copy of the session claimed the key: its data stays.
+                self.figures["not_owner"] += 1
+                recorder.saved = False
+                continue
+            written += 1
             recorder.saved = True
+            recorder.claim = False
             if recorder.overflowed:
                 self.figures["too_large"] += 1
-        self.figures["saved"] += len(batch)
-        return len(batch)
+        self.figures["saved"] += written
+        return written
 
     def save_all(self, timeout: float = 10.0) -> None:
         """Write every changed session now (a graceful stop), before WebSockets close.
@@ -1140,7 +1175,7 @@ class Restorer:
         takes the id (a flush deletes before it writes).
         """
         self.figures["fresh_because_mismatch"] += 1
-        self._deletes.append(self.key(route, session_id))
+        self._deletes.append((self.key(route, session_id), None))
         log.warning("App %s: session %s cannot be restored faithfully (%s); it starts fresh",
                     route, session_id, reason)
 

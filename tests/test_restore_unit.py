@@ -23,6 +23,7 @@ sys.path.insert(0, str(APPS))
 import restore_app  # noqa: E402  (tests/apps)
 from flask_docsync.context import ApplicationContext, RequestData
 from flask_docsync.protocol import protocol
+from flask_docsync import restore as restore_module
 from flask_docsync.restore import Restorer, replay, skeleton
 
 
@@ -50,6 +51,24 @@ class FakeRedis:
     def delete(self, key):
         self.ops.append(("delete", key))
         self.results.append(int(self.data.pop(key, None) is not None))
+
+    def eval(self, script, numkeys, key, owner, *args):
+        # The two scripts of flask_docsync.restore, as Redis runs them.
+        current = self.data.get(key, {}).get(b"owner")
+        mine = current is None or current == owner.encode()
+        if script == restore_module.DELETE_SCRIPT:
+            self.ops.append(("delete", key))
+            self.results.append(int(current is not None and mine and self.data.pop(key, None) is not None))
+            return
+        assert script == restore_module.WRITE_SCRIPT
+        claim, ms, fields = args[0], args[1], args[2:]
+        if not mine and claim != "1":
+            self.results.append(0)
+            return
+        self.ops.append(("hset", key))
+        self.data[key] = {b"owner": owner.encode(), **{k.encode(): v.encode() for k, v in zip(fields[::2], fields[1::2])}}
+        self.ttl[key] = ms
+        self.results.append(1)
 
     def hgetall(self, key):
         return dict(self.data.get(key, {}))
@@ -920,3 +939,37 @@ def test_sessions_whose_data_redis_lost_are_written_again(redis_data, redis_serv
     restorer.flush()
     restorer.flush()
     assert redis_server.client().exists(key)
+
+
+@pytest.mark.parametrize("real", [False, True], ids=["fake", "redis-server"])
+def test_two_copies_of_a_session_do_not_undo_each_other(redis_data, real, request):
+    # Host A's live session S; host B made S anew (its worker was taken for
+    # gone, or routing failed): both record under one key.
+    if real:
+        url = request.getfixturevalue("redis_server").url
+        worker = lambda: _real_worker(url)  # noqa: E731
+        data = lambda key: request.getfixturevalue("redis_server").client().hgetall(key)  # noqa: E731
+    else:
+        worker = lambda: make_worker(redis_data)  # noqa: E731
+        data = lambda key: redis_data.get(key)  # noqa: E731
+    rA, cA = worker()
+    sA = new_session(cA)
+    patch(sA, changed(one(sA.document, "slider"), "value", 10))
+    rA.flush()
+    rB, cB = worker()
+    sB = new_session(cB)  # the copy the user now uses: it claims the key
+    patch(sB, changed(one(sB.document, "slider"), "value", 77))
+    assert rB.flush() == 1
+    key = sB.recorder.key
+    # A's late save (its stop's second save_all) does not overwrite B's data.
+    patch(sA, changed(one(sA.document, "slider"), "value", 11))
+    rA.flush()
+    rA.save_all()
+    rA.restart()
+    assert b"77" in data(key)[b"changes"]
+    # A's copy is discarded as unused: B's data stays.
+    assert cA.discard_session(sA)
+    rA.flush()
+    assert data(key), "a discard deletes only its own copy's data"
+    rC, cC = worker()
+    assert one(restore_on(cC, rC).document, "slider").value == 77
