@@ -1112,7 +1112,7 @@ class Restorer:
             log.warning("App %s: session %s gets a fresh session: no restore slot within %g s"
                         " (DOCSYNC_RESTORE_CONCURRENCY=%d)", context.url, session_id,
                         RESTORE_WAIT_SECONDS, self.concurrency)
-            return context.create_session_if_needed(session_id, request, token, payload)
+            return self._claim(context.create_session_if_needed(session_id, request, token, payload))
         try:
             saved = self._load(context, session_id)
             if saved is not None:
@@ -1122,10 +1122,22 @@ class Restorer:
                 self.figures["restored"] += 1
                 log.info("App %s: restored session %s of a gone worker (%d changes) in %.0f ms",
                          context.url, session_id, len(saved.changes), (time.perf_counter() - started) * 1000)
-            return session
+            return self._claim(session)
         finally:
             self._slots.release()
             self.restore_seconds += time.perf_counter() - started
+
+    @staticmethod
+    def _claim(session: ServerSession) -> ServerSession:
+        """``session`` takes the place of a gone worker's: its next flush
+        writes it (claiming the key), also when it has nothing to save, so
+        that a later restore does not bring back the older data."""
+        recorder = session.recorder
+        if recorder is not None and recorder.saved is False:
+            recorder.claim = True
+            recorder.dirty = True
+            recorder.touched()
+        return session
 
     def _check_user(self, context: ApplicationContext, session_id: str, saved: Saved, request: Any) -> None:
         """Refuse a reconnect of another user than the one the session was saved for.

@@ -227,7 +227,9 @@ def test_a_changed_script_gives_a_fresh_session_with_a_log_line(redis_data, capl
     assert restorer2.figures["fresh_because_mismatch"] == 1 and restorer2.figures["restored"] == 0
     assert "source changed" in caplog.text
     restorer2.flush()
-    assert session.recorder.key not in redis_data, "the data that cannot be restored is deleted"
+    saved = redis_data[session.recorder.key]
+    assert saved[b"owner"] == restorer2.owner.encode() and saved[b"changes"] == b"[]", (
+        "the data that cannot be restored is replaced by the fresh session's")
 
 
 #: How many sliders structure_app makes; tests change it between "workers".
@@ -973,3 +975,42 @@ def test_two_copies_of_a_session_do_not_undo_each_other(redis_data, real, reques
     assert data(key), "a discard deletes only its own copy's data"
     rC, cC = worker()
     assert one(restore_on(cC, rC).document, "slider").value == 77
+
+
+class _UnreadableRedis(FakeRedis):
+    def hgetall(self, key):
+        raise ConnectionError("Redis is unreachable for reads")
+
+
+def _stateless_app(doc):
+    from bokeh.layouts import column
+    from bokeh.models import Div, Slider
+
+    doc.add_root(column(Slider(start=0, end=100, value=1, name="slider"), Div(text="x")))
+
+
+@pytest.mark.parametrize("why", ["busy", "error"])
+def test_a_fresh_session_for_a_gone_workers_id_replaces_its_older_data(redis_data, monkeypatch, why):
+    # An app without restorable state: the fresh session has nothing of its own to save.
+    restorer, context = make_worker(redis_data, app=_stateless_app)
+    session = new_session(context)
+    patch(session, changed(one(session.document, "slider"), "value", 42))
+    restorer.flush()
+    # The worker died; its heir gives the reconnect a fresh session.
+    if why == "busy":
+        monkeypatch.setattr(restore_module, "RESTORE_WAIT_SECONDS", 0.01)
+        heir, heir_context = make_worker(redis_data, app=_stateless_app, concurrency=1)
+        heir._slots.acquire()
+        fresh = restore_on(heir_context, heir)
+        heir._slots.release()
+    else:
+        heir, heir_context = make_worker(redis_data, app=_stateless_app)
+        heir._client = _UnreadableRedis(redis_data)
+        fresh = restore_on(heir_context, heir)
+        heir._client = FakeRedis(redis_data)
+    assert one(fresh.document, "slider").value == 1
+    assert heir.figures[f"fresh_because_{why}"] == 1
+    heir.flush()  # the user changed nothing the recorder records
+    # The heir dies too: the next restore gives what the fresh session had, not the older values.
+    third, third_context = make_worker(redis_data, app=_stateless_app)
+    assert one(restore_on(third_context, third).document, "slider").value == 1
