@@ -765,10 +765,27 @@ class Saved:
     def __init__(self, restorer: Restorer, key: str, fields: dict[str, str]) -> None:
         self.restorer = restorer
         self.key = key
-        meta = json.loads(fields.get("meta") or "{}")
-        self.meta = meta if isinstance(meta, dict) else {}
-        self.changes = json.loads(fields.get("changes") or "[]")
-        self.state = json.loads(fields.get("state") or "null")
+        # All of it, of the right types, or nothing: a truncated or damaged
+        # hash must not pass for a session that had no changes or no state.
+        if "meta" not in fields:
+            raise ValueError("the saved data has no meta")
+        meta = json.loads(fields["meta"])
+        if not isinstance(meta, dict):
+            raise ValueError("the saved meta is not an object")
+        self.meta: dict[str, Any] = meta
+        self.changes: list[Any] = []
+        self.state: dict[str, Any] | None = None
+        if not meta.get("overflowed"):  # then check_before refuses it anyway
+            for name in ("changes", "state"):
+                if name not in fields:
+                    raise ValueError(f"the saved data has no {name}")
+            changes = json.loads(fields["changes"])
+            if not isinstance(changes, list):
+                raise ValueError("the saved changes are not a list")
+            state = json.loads(fields["state"])
+            if state is not None and not isinstance(state, dict):
+                raise ValueError("the saved state is not an object")
+            self.changes, self.state = changes, state
         #: Why the restore was abandoned; ``None`` while it goes well.
         self.failure: str | None = None
 
@@ -797,7 +814,7 @@ class Saved:
         if recorder is not None:
             recorder.paused = True
         try:
-            count = replay(session, self.changes if isinstance(self.changes, list) else [])
+            count = replay(session, self.changes)
             last = skeleton(session.document)
             if last != self.meta.get("last"):
                 raise NotFaithful(f"the replayed document differs from the saved one (skeleton {last},"

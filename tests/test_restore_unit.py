@@ -1014,3 +1014,32 @@ def test_a_fresh_session_for_a_gone_workers_id_replaces_its_older_data(redis_dat
     # The heir dies too: the next restore gives what the fresh session had, not the older values.
     third, third_context = make_worker(redis_data, app=_stateless_app)
     assert one(restore_on(third_context, third).document, "slider").value == 1
+
+
+@pytest.mark.parametrize("damage", ["no changes", "changes not a list", "state not a dict", "no state", "no meta",
+                                    "meta not a dict"])
+def test_damaged_saved_data_gives_a_fresh_session(redis_data, caplog, damage):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    # A cell edit: what the skeleton and the values check do not see.
+    patch(session, {"kind": "ColumnsPatched", "model": {"id": one(session.document, "source").id}, "attr": "data",
+                    "patches": {"type": "map", "entries": [["score", [[1, 99]]]]}})
+    session.document.session_context._docsync_state["clicks"] = 5
+    restorer.flush()
+    fields = redis_data[session.recorder.key]
+    field, value = {
+        "no changes": (b"changes", None), "changes not a list": (b"changes", b'{"a": 1}'),
+        "state not a dict": (b"state", b"[1, 2]"), "no state": (b"state", None), "no meta": (b"meta", None),
+        "meta not a dict": (b"meta", b"[]"),
+    }[damage]
+    if value is None:
+        fields.pop(field)
+    else:
+        fields[field] = value
+    restorer2, context2 = make_worker(redis_data)
+    with caplog.at_level(logging.WARNING, "flask_docsync.restore"):
+        fresh = restore_on(context2, restorer2)
+    assert 99 not in one(fresh.document, "source").data["score"]
+    assert one(fresh.document, "clicks").text == "clicks: 0"
+    assert restorer2.figures["restored"] == 0 and restorer2.figures["fresh_because_mismatch"] == 1
+    assert "cannot be restored faithfully" in caplog.text
