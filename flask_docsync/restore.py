@@ -114,6 +114,30 @@ SNAPSHOTS_PER_YIELD = 100
 RANK = "docsync:rank"
 #: UI events the browser sends again by itself after a reconnect.
 _RESENT_EVENTS = frozenset({"document_ready"})
+#: Document event kinds a skip reason may name; any other kind a client
+#: sends is "an unknown event kind" (reasons are kept per session and
+#: logged: they must not be text a client chose).
+_NAMED_KINDS = frozenset({"ColumnsStreamed", "RootAdded", "RootRemoved", "ColumnDataChanged"})
+#: Distinct skip reasons kept (and logged) per session.
+MAX_SKIP_REASONS = 16
+
+
+def _ui_event_names() -> frozenset[str]:
+    try:
+        from bokeh import events
+
+        return frozenset(n for n in getattr(events, "_CONCRETE_EVENT_CLASSES", {}) if isinstance(n, str))
+    except Exception:  # a Bokeh without it: reasons then name no event
+        return frozenset()
+
+
+_UI_EVENTS = _ui_event_names()
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """``text`` made safe for a log line: escaped (no line breaks) and cut at ``limit``."""
+    text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."
 _PLAIN = (str, int, float, bool, type(None))
 #: Writes a session's data (``KEYS[1]``) if the key is absent, owned by this
 #: writer (``ARGV[1]``), or claimed (``ARGV[2] == "1"``): then the whole hash
@@ -403,9 +427,11 @@ class Recorder:
                     data = event.get("msg_data")
                     name = data.get("name") if isinstance(data, dict) else None
                     if name not in _RESENT_EVENTS:
-                        raise _Unsupported(f"UI events ({name or event.get('msg_type')})")
-                else:
+                        raise _Unsupported(f"UI events ({name})" if name in _UI_EVENTS else "UI events")
+                elif kind in _NAMED_KINDS:
                     raise _Unsupported(f"{kind} from the browser")
+                else:
+                    raise _Unsupported("an unknown event kind")
             except _Unsupported as exc:
                 self._skip(str(exc))
             except (AttributeError, TypeError, KeyError, ValueError):
@@ -510,7 +536,8 @@ class Recorder:
 
     def _skip(self, reason: str) -> None:
         self.skipped += 1
-        if reason in self._skipped:
+        reason = _clip(reason, 120)
+        if reason in self._skipped or len(self._skipped) >= MAX_SKIP_REASONS:
             return
         self._skipped.add(reason)
         session = self.session
@@ -568,7 +595,7 @@ class Recorder:
         try:
             return json.dumps(state, separators=(",", ":"), sort_keys=True)
         except (TypeError, ValueError) as exc:
-            self._skip(f"the app's restorable state ({exc})")
+            self._skip(f"the app's restorable state ({_clip(str(exc))})")
             return self._state_json
 
     def snapshot(self) -> dict[str, str] | None:

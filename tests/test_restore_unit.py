@@ -1043,3 +1043,24 @@ def test_damaged_saved_data_gives_a_fresh_session(redis_data, caplog, damage):
     assert one(fresh.document, "clicks").text == "clicks: 0"
     assert restorer2.figures["restored"] == 0 and restorer2.figures["fresh_because_mismatch"] == 1
     assert "cannot be restored faithfully" in caplog.text
+
+
+def test_skip_reasons_are_fixed_labels_that_clients_cannot_grow_or_forge(redis_data, caplog):
+    restorer, context = make_worker(redis_data)
+    session = new_session(context)
+    caplog.set_level(logging.DEBUG, "flask_docsync.restore")
+    for i in range(300):
+        for event in ({"kind": f"Evil{i}\n2026-12-07 INFO forged line" + "K" * 10_000},
+                      {"kind": "MessageSent", "msg_type": f"t{i}\nforged",
+                       "msg_data": {"type": "event", "name": f"n{i}\nforged" + "K" * 10_000}}):
+            try:
+                patch(session, event)
+            except Exception:
+                pass
+    recorder = session.recorder
+    assert recorder.skipped == 600
+    assert len(recorder._skipped) <= 4 and sum(map(len, recorder._skipped)) < 200
+    assert len(restorer._logged_skips) <= 4
+    lines = [r.getMessage() for r in caplog.records if r.name == "flask_docsync.restore"]
+    assert 0 < len(lines) <= 4
+    assert not any("\n" in line or "forged" in line or "KKK" in line for line in lines), lines
