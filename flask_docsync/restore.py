@@ -694,8 +694,9 @@ def replay(session: ServerSession, changes: list[Any]) -> int:
                     apply(group_events)
                     group_events = []
                 current = group
-                # Ranks as they were just before this message came.
-                ids = Ranks(doc).ids
+                # Ranks as they were just before this message came: the
+                # recorder's table while the set of models is the same one.
+                ids = recorder.ranks(doc).ids if recorder is not None else Ranks(doc).ids
             group_events.append(_event_json(key, value, ids))
             count += 1
         if group_events:

@@ -1064,3 +1064,31 @@ def test_skip_reasons_are_fixed_labels_that_clients_cannot_grow_or_forge(redis_d
     lines = [r.getMessage() for r in caplog.records if r.name == "flask_docsync.restore"]
     assert 0 < len(lines) <= 4
     assert not any("\n" in line or "forged" in line or "KKK" in line for line in lines), lines
+
+
+def _many_sliders_app(doc):
+    from bokeh.layouts import column
+    from bokeh.models import Div, Slider
+
+    doc.add_root(column(*[Slider(start=0, end=100, value=1, name=f"s{i}") for i in range(50)],
+                        *[Div(text=str(i)) for i in range(500)]))
+
+
+def test_a_replay_reuses_the_rank_table_while_the_models_stay(redis_data, monkeypatch):
+    restorer, context = make_worker(redis_data, app=_many_sliders_app)
+    session = new_session(context)
+    for i in range(50):
+        patch(session, changed(one(session.document, f"s{i}"), "value", 5))
+    restorer.flush()
+    restorer2, context2 = make_worker(redis_data, app=_many_sliders_app)
+    built = []
+    original = restore_module.Ranks.__init__
+
+    def counted(self, doc):
+        built.append(1)
+        original(self, doc)
+
+    monkeypatch.setattr(restore_module.Ranks, "__init__", counted)
+    restored = restore_on(context2, restorer2)
+    assert restorer2.figures["restored"] == 1 and one(restored.document, "s49").value == 5
+    assert len(built) <= 5, f"{len(built)} rank tables for 50 messages that changed no models"
