@@ -54,9 +54,15 @@ and counted as ``skipped``):
   itself and dropped silently.
 
 **Stored** as one Redis hash per session, ``<prefix>:restore:<route>:<session
-id>``: ``meta`` (JSON: format, app fingerprint, both skeletons), ``changes``
-(JSON: ``[key, message number, value]`` in the order of their last change)
-and ``state`` (the app's JSON). Its TTL is the unused-session lifetime plus a
+id>``: ``meta`` (JSON: format, app fingerprint, an HMAC of the session's
+user, both skeletons, the values hash), ``changes`` (JSON: ``[key, message
+number, value]`` in the order of their last change), ``state`` (the app's
+JSON) and ``owner`` (the writing :class:`Restorer`'s random id). Writes and
+deletes are conditional (:data:`WRITE_SCRIPT`, :data:`DELETE_SCRIPT`): a
+writer writes a key that is absent or its own, deletes only its own, and a
+session's first write claims the key, so two copies of one session do not
+undo each other. A restore for another user than the saved one is refused.
+Its TTL is the unused-session lifetime plus a
 cleanup pass plus :data:`RECONNECT_GRACE_MS`, refreshed while the session
 lives; a session discarded as unused deletes it (its browser has gone), a
 graceful stop keeps it. Only sessions whose document lock was released since
