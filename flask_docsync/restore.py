@@ -1247,7 +1247,7 @@ class Restorer:
         return {
             **{k: self.figures[k] for k in (
                 "saved", "restored", "nothing_saved", "fresh_because_mismatch", "fresh_because_busy",
-                "fresh_because_error", "too_large", "save_errors", "lost_keys", "refused_user")},
+                "fresh_because_error", "too_large", "save_errors", "lost_keys", "refused_user", "not_owner")},
             "replayed": self.figures["replayed"],
             "skipped": sum(r.skipped for r in recorders) + self.figures["skipped_gone"],
             "recorded_sessions": len(recorders),

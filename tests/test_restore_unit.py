@@ -969,6 +969,7 @@ def test_two_copies_of_a_session_do_not_undo_each_other(redis_data, real, reques
     rA.save_all()
     rA.restart()
     assert b"77" in data(key)[b"changes"]
+    assert rA.stats()["not_owner"] >= 1
     # A's copy is discarded as unused: B's data stays.
     assert cA.discard_session(sA)
     rA.flush()
