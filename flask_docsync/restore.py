@@ -1165,9 +1165,7 @@ class Restorer:
                         RESTORE_WAIT_SECONDS, self.concurrency)
             return self._claim(context.create_session_if_needed(session_id, request, token, payload))
         try:
-            saved = self._load(context, session_id)
-            if saved is not None:
-                self._check_user(context, session_id, saved, request)
+            saved = self._load(context, session_id, request)
             session = context.create_session_if_needed(session_id, request, token, payload, saved=saved)
             if saved is not None and saved.failure is None:
                 self.figures["restored"] += 1
@@ -1190,14 +1188,18 @@ class Restorer:
             recorder.touched()
         return session
 
-    def _check_user(self, context: ApplicationContext, session_id: str, saved: Saved, request: Any) -> None:
+    def _check_user(self, context: ApplicationContext, session_id: str, fields: dict[str, str], request: Any) -> None:
         """Refuse a reconnect of another user than the one the session was saved for.
 
         A session saved without a user (authorize off) restores for anyone.
 
         :raises TokenError: as a live session refuses another user.
         """
-        owner = saved.meta.get("user")
+        try:
+            meta = json.loads(fields.get("meta") or "{}")
+        except ValueError:
+            return  # damaged: a mismatch, and a fresh session for this user
+        owner = meta.get("user") if isinstance(meta, dict) else None
         if owner is None:
             return
         mac = user_mac(self.secret, getattr(request, "user", None))
@@ -1207,7 +1209,7 @@ class Restorer:
                         context.url, session_id)
             raise TokenError("This session belongs to another user.")
 
-    def _load(self, context: ApplicationContext, session_id: str) -> Saved | None:
+    def _load(self, context: ApplicationContext, session_id: str, request: Any = None) -> Saved | None:
         key = self.key(context.url, session_id)
         try:
             raw = self._redis().hgetall(key)
@@ -1223,6 +1225,8 @@ class Restorer:
             return None
         fields = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
                   for k, v in raw.items()}
+        # Before anything else: another user must not learn, nor undo, what is saved.
+        self._check_user(context, session_id, fields, request)
         try:
             saved = Saved(self, key, fields)
             saved.check_before(context.app_fingerprint)

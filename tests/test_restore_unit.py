@@ -1093,3 +1093,20 @@ def test_a_replay_reuses_the_rank_table_while_the_models_stay(redis_data, monkey
     restored = restore_on(context2, restorer2)
     assert restorer2.figures["restored"] == 1 and one(restored.document, "s49").value == 5
     assert len(built) <= 5, f"{len(built)} rank tables for 50 messages that changed no models"
+
+
+def test_another_user_is_refused_before_the_saved_data_is_checked(redis_data):
+    from flask_docsync.errors import TokenError
+
+    restorer, context = make_worker(redis_data)
+    token = generate_jwt_token("sess1", signed=False, secret_key=None)
+    session = context.create_session_if_needed("sess1", RequestData(user="alice"), token, {})
+    patch(session, changed(one(session.document, "slider"), "value", 42))
+    restorer.flush()
+    saved = dict(redis_data[session.recorder.key])
+    heir, heir_context = make_worker(redis_data, app=_other_app)  # a deploy changed the script
+    with pytest.raises(TokenError, match="belongs to another user"):
+        heir.restore(heir_context, "sess1", RequestData(user="bob"), token, {})
+    heir.flush()
+    assert redis_data[session.recorder.key] == saved, "bob's reconnect neither took nor deleted alice's data"
+    assert heir.figures["fresh_because_mismatch"] == 0
