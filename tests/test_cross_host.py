@@ -366,9 +366,8 @@ def test_a_killed_workers_sessions_are_made_anew_once_in_the_whole_deployment(cl
     ws_url = nginx.url.replace("http", "ws") + "/home/ws"
     tokens = [fetch_token(f"http://127.0.0.1:{a.port}/home") for _ in range(40)]
     owner_of = {token: _set_value(a, token, 500 + n) for n, token in enumerate(tokens)}
-    victim = next(iter(a.server.child_pids()))
+    victim = owner_of[tokens[0]]  # the kernel may give one worker every page
     gone = [token for token in tokens if owner_of[token] == victim]
-    assert gone, "the kernel gave host A's other worker every page"
     os.kill(victim, signal.SIGKILL)
     _wait_for(lambda: victim not in a.server.child_pids(), 10, "the worker to die")
 
