@@ -14,7 +14,8 @@ Private names used, each checked on both supported Bokeh releases by
 ``gc`` global of ``bokeh.document.document``, the models' cached
 ``_unstable_default_values``/``_unstable_themed_values``,
 ``DocumentCallbackManager._session_callbacks``,
-``DirectoryHandler._lifecycle_handler`` and ``LifecycleHandler``'s
+``DirectoryHandler._lifecycle_handler``, the handlers' ``_runner``,
+``_main_handler`` and ``_func`` (:func:`handler_source`), and ``LifecycleHandler``'s
 ``_on_session_created``/``_on_session_destroyed``. The protocol's
 ``Protocol._messages`` is read by :mod:`flask_docsync.protocol`, and
 ``bokeh.util.token``'s ``_signature``, ``_get_random_string``,
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import gc
+import inspect
 import sys
 import weakref
 from collections.abc import Iterator
@@ -351,3 +353,22 @@ _missing = object()
 
 def _no_session_hook(session_context: Any) -> None:
     return None
+
+
+def handler_source(handler: Any) -> bytes:
+    """The source of what a Bokeh handler runs (its script, or its function), for a fingerprint; ``b""`` if unknown."""
+    runner = getattr(handler, "_runner", None)
+    source = getattr(runner, "source", None)
+    if isinstance(source, str):
+        return source.encode()
+    main = getattr(handler, "_main_handler", None)
+    if main is not None and main is not handler:
+        return handler_source(main)
+    func = getattr(handler, "_func", None)
+    if func is not None:
+        try:
+            return inspect.getsource(func).encode()
+        except (OSError, TypeError):
+            code = getattr(func, "__code__", None)
+            return code.co_code if code is not None else repr(func).encode()
+    return b""

@@ -78,7 +78,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
-import inspect
 import json
 import logging
 import secrets
@@ -224,26 +223,8 @@ def app_fingerprint(application: Any) -> str:
     h = hashlib.sha1()
     for handler in getattr(application, "handlers", ()):
         h.update(type(handler).__qualname__.encode())
-        h.update(_handler_source(handler))
+        h.update(compat.handler_source(handler))
     return h.hexdigest()[:20]
-
-
-def _handler_source(handler: Any) -> bytes:
-    runner = getattr(handler, "_runner", None)
-    source = getattr(runner, "source", None)
-    if isinstance(source, str):
-        return source.encode()
-    main = getattr(handler, "_main_handler", None)
-    if main is not None and main is not handler:
-        return _handler_source(main)
-    func = getattr(handler, "_func", None)
-    if func is not None:
-        try:
-            return inspect.getsource(func).encode()
-        except (OSError, TypeError):
-            code = getattr(func, "__code__", None)
-            return code.co_code if code is not None else repr(func).encode()
-    return b""
 
 
 # -- values -------------------------------------------------------------------
